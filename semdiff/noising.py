@@ -1,0 +1,187 @@
+"""The forward (noising) process: significance scores -> Cartesian tree -> levels.
+
+Glossary (see also the README):
+
+* **score** ``s_i``: a token's significance; higher is kept longer. Scores of the
+  real tokens of one sequence are distinct (ties are broken by the scorer).
+* **depth** ``d_i``: number of ancestors of token ``i`` in the max-Cartesian tree
+  of the scores (root = most significant token, in-order = the sentence).
+  Token ``j`` is an ancestor of ``i`` iff ``s_j`` is the maximum of ``s`` over the
+  closed range between ``i`` and ``j``.
+* **level h**: the subsequence of tokens with depth < h. Level 0 is empty; level
+  ``H`` (H = tree height = 1 + max depth) is the whole sequence.
+* **canvas**: a level's tokens, left-aligned, padded.
+* **gap** ``g``: the slot before kept token ``g`` (``g = 0..n``, gap ``n`` is after
+  the last kept token). Each gap of level h holds at most one depth-h token.
+* **gap target**: the token to insert into a gap, or ``none_id``.
+* **frontier state**: any kept set closed under "parent in the tree" (a level
+  plus some of the next level's tokens). Each of its gaps holds one subtree; the
+  gap target is that subtree's root, the most significant token in the gap.
+
+Everything here is a pure function of arrays: jit-able, batched over the leading
+axis and free of Python loops over tokens. Shapes: ``B`` batch, ``L`` sequence.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Noised(NamedTuple):
+  """A noised batch.
+
+  Attributes:
+    canvas: int32 [B, L], kept tokens in order, left-aligned, ``pad_id`` after.
+    gap_targets: int32 [B, L+1], per gap the token to insert or ``none_id``;
+      -1 for gaps past the end (g > number of kept tokens).
+    length: int32 [B], number of kept tokens n.
+  """
+
+  canvas: jax.Array
+  gap_targets: jax.Array
+  length: jax.Array
+
+
+def insertion_depth(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Depth of every token in the max-Cartesian tree of its sequence's scores.
+
+  O(L^2) compare-and-scan: token j < i is an ancestor of i iff s_j is a strict
+  running maximum when scanning leftwards from i (starting from s_i), and
+  likewise to the right.
+
+  Args:
+    scores: float [B, L] significance scores; real tokens' scores are distinct.
+    mask: bool [B, L], true on real tokens, which form a prefix.
+
+  Returns:
+    int32 [B, L]: depth of each real token (root 0); ``L`` on padding.
+  """
+  scores = jnp.asarray(scores)
+  mask = jnp.asarray(mask, bool)
+  batch, length = scores.shape
+  neg = jnp.asarray(-jnp.inf, scores.dtype)
+  s = jnp.where(mask, scores, neg)
+  idx = jnp.arange(length)
+  # range_max[b, i, j] = max(s[b, min(i,j) .. max(i,j)]), built as two cummaxes.
+  left = jnp.where(idx[None, None, :] <= idx[None, :, None], s[:, None, :], neg)
+  left = jax.lax.cummax(left, axis=2, reverse=True)  # j <= i: max s[j..i]
+  right = jnp.where(idx[None, None, :] >= idx[None, :, None], s[:, None, :], neg)
+  right = jax.lax.cummax(right, axis=2)  # j >= i: max s[i..j]
+  range_max = jnp.where(idx[None, None, :] <= idx[None, :, None], left, right)
+  is_ancestor = (
+      (s[:, None, :] == range_max)
+      & (idx[None, :, None] != idx[None, None, :])
+      & mask[:, None, :]
+  )
+  depth = jnp.sum(is_ancestor, axis=2, dtype=jnp.int32)
+  return jnp.where(mask, depth, jnp.int32(length))
+
+
+def tree_height(depth: jax.Array, mask: jax.Array) -> jax.Array:
+  """int32 [B]: 1 + max depth over real tokens (0 for an empty sequence)."""
+  return jnp.max(jnp.where(mask, depth + 1, 0), axis=-1).astype(jnp.int32)
+
+
+def noise_to_keep(
+    tokens: jax.Array, depth: jax.Array, keep: jax.Array, *, pad_id: int, none_id: int
+) -> Noised:
+  """Canvas and gap targets for any frontier state (kept set closed under parent).
+
+  Args:
+    tokens: int [B, L] token ids (padding arbitrary).
+    depth: int [B, L] from `insertion_depth` (>= L on padding).
+    keep: bool [B, L], the kept tokens; must be closed under "parent" and False
+      on padding, else the targets are not the tree's.
+    pad_id: id written after the kept tokens in the canvas.
+    none_id: id of "nothing to insert here".
+
+  Returns:
+    `Noised`; each gap's target is the least-deep non-kept real token in it.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  depth = jnp.asarray(depth, jnp.int32)
+  keep = jnp.asarray(keep, bool)
+  batch, length = tokens.shape
+  kept_before = jnp.cumsum(keep, axis=1, dtype=jnp.int32) - keep  # exclusive
+  n = jnp.sum(keep, axis=1, dtype=jnp.int32)
+  rows = jnp.arange(batch)[:, None]
+
+  dest = jnp.where(keep, kept_before, length)  # length = out of bounds: dropped
+  canvas = jnp.full((batch, length), pad_id, jnp.int32)
+  canvas = canvas.at[rows, dest].set(tokens, mode="drop")
+
+  # Candidates are the non-kept real tokens; each belongs to gap kept_before.
+  candidate = (~keep) & (depth < length)
+  gap = jnp.where(candidate, kept_before, length + 1)
+  big = jnp.int32(np.iinfo(np.int32).max)
+  gap_min = jnp.full((batch, length + 1), big, jnp.int32)
+  gap_min = gap_min.at[rows, gap].min(jnp.where(candidate, depth, big), mode="drop")
+  is_root = candidate & (depth == jnp.take_along_axis(gap_min, jnp.minimum(gap, length), axis=1))
+  gaps = jnp.arange(length + 1)[None, :]
+  targets = jnp.where(gaps <= n[:, None], jnp.int32(none_id), jnp.int32(-1))
+  targets = targets.at[rows, jnp.where(is_root, gap, length + 1)].set(tokens, mode="drop")
+  return Noised(canvas=canvas, gap_targets=targets, length=n)
+
+
+def noise_to_level(
+    tokens: jax.Array, depth: jax.Array, level: jax.Array, *, pad_id: int, none_id: int
+) -> tuple[jax.Array, jax.Array]:
+  """The state at ``level`` and the tokens that take it to ``level + 1``.
+
+  Args:
+    tokens: int [B, L] token ids.
+    depth: int [B, L] from `insertion_depth` (>= L on padding).
+    level: int [B], the level h of each example.
+    pad_id: id written after the kept tokens.
+    none_id: id of "no insertion in this gap".
+
+  Returns:
+    (canvas int32 [B, L], gap_targets int32 [B, L+1]) as in DESIGN section 7:
+    canvas holds the tokens with depth < level in order, left-aligned; gap g of
+    n kept tokens holds the depth == level token in it, or none_id; -1 for g > n.
+  """
+  depth = jnp.asarray(depth, jnp.int32)
+  level = jnp.asarray(level, jnp.int32)
+  keep = depth < level[:, None]
+  noised = noise_to_keep(tokens, depth, keep, pad_id=pad_id, none_id=none_id)
+  return noised.canvas, noised.gap_targets
+
+
+def frontier_keep(
+    depth: jax.Array, level: jax.Array, fraction: jax.Array, rng: jax.Array
+) -> jax.Array:
+  """A random frontier state: level h plus a random subset of depth-h tokens.
+
+  Args:
+    depth: int [B, L] from `insertion_depth`.
+    level: int [B], the level h.
+    fraction: float [B] or scalar in [0, 1], chance that a depth-h token is kept.
+    rng: PRNG key.
+
+  Returns:
+    bool [B, L] keep mask, closed under parent (depth-h tokens' parents have
+    depth h-1 < h, so any subset of them keeps closure).
+  """
+  depth = jnp.asarray(depth, jnp.int32)
+  level = jnp.asarray(level, jnp.int32)[:, None]
+  fraction = jnp.broadcast_to(jnp.asarray(fraction, jnp.float32), level.shape[:1])[:, None]
+  coin = jax.random.uniform(rng, depth.shape) < fraction
+  return (depth < level) | ((depth == level) & coin)
+
+
+def drafts(tokens: np.ndarray, depth: np.ndarray) -> list[list[int]]:
+  """The whole draft sequence of one example, for display.
+
+  Args:
+    tokens: int [n] the real tokens of one sequence (no padding).
+    depth: int [n] their depths.
+
+  Returns:
+    H + 1 lists of token ids: level 0 (empty) .. level H (the whole sequence).
+  """
+  tokens = np.asarray(tokens)
+  depth = np.asarray(depth)
+  height = int(depth.max()) + 1 if depth.size else 0
+  return [tokens[depth < h].tolist() for h in range(height + 1)]

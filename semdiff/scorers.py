@@ -1,0 +1,310 @@
+"""Significance scorers: which tokens the forward process deletes first.
+
+A scorer maps a batch to one real score per token (higher = more significant =
+kept longer). Scorers are pure functions of arrays, so they run inside the
+jitted training step. `significance` wraps any scorer with the parts they share:
+
+* **units**: at token level every token is a unit; at word level all pieces of
+  a word form one unit and share its score (positional scorers then count
+  words, not pieces), with a fixed order inside the word (first piece first).
+* **tie-breaking**: equal scores are ordered by a jitter drawn from a PRNG key
+  folded with a hash of the example's tokens, so every sequence has one
+  canonical order whatever batch or device it lands in.
+* **ranks**: the result is the rank of each token (0 = least significant), so
+  the scores handed to `noising.insertion_depth` are exactly distinct.
+
+Adding a scorer is one function with the `ScoreFn` signature plus one
+`@register` line.
+"""
+
+import dataclasses
+from typing import Callable, Optional, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class ScoringStats:
+  """Fixed statistics and tables that scorers read (a pytree of arrays).
+
+  Attributes:
+    unigram_logprob: float32 [V], log p(token) from training-split counts.
+    word_start: bool [V], true where a piece begins a new word.
+    embedding: float32 [V, D], a token-embedding table (embedding scorers).
+    idf: float32 [V], per-token weights of the sentence embedding.
+  """
+
+  unigram_logprob: Optional[jax.Array] = None
+  word_start: Optional[jax.Array] = None
+  embedding: Optional[jax.Array] = None
+  idf: Optional[jax.Array] = None
+
+
+@flax.struct.dataclass
+class Units:
+  """What gets scored: tokens, or whole words.
+
+  Attributes:
+    index: int32 [B, L], unit index of each position (0-based within the row).
+    offset: int32 [B, L], position within the unit (0 for its first piece).
+    count: int32 [B], number of units in the row.
+  """
+
+  index: jax.Array
+  offset: jax.Array
+  count: jax.Array
+
+
+class ScoreFn(Protocol):
+
+  def __call__(
+      self, tokens: jax.Array, mask: jax.Array, units: Units, rng: jax.Array,
+      stats: ScoringStats,
+  ) -> jax.Array:
+    """Returns float32 [B, L]; every position of a unit carries the unit's score."""
+
+
+_SCORERS: dict[str, ScoreFn] = {}
+
+
+def register(name: str) -> Callable[[ScoreFn], ScoreFn]:
+  def wrap(fn: ScoreFn) -> ScoreFn:
+    _SCORERS[name] = fn
+    return fn
+  return wrap
+
+
+def names() -> list[str]:
+  """All registered scorer names, plus ``mix``."""
+  return sorted([*_SCORERS, "mix"])
+
+
+def get(name: str) -> ScoreFn:
+  """The scorer called ``name``; one clear error listing the choices if unknown."""
+  if name not in _SCORERS:
+    raise ValueError(
+        f"Unknown scorer {name!r}; choose one of {', '.join(names())} "
+        "(e.g. --config.scorer.name=unigram).")
+  return _SCORERS[name]
+
+
+def _unit_sum(values: jax.Array, units: Units, mask: jax.Array) -> jax.Array:
+  """Sum ``values`` [B, L] over each unit and broadcast back to its positions."""
+  length = values.shape[1]
+  one_hot = (units.index[:, :, None] == jnp.arange(length)[None, None, :]) & mask[:, :, None]
+  per_unit = jnp.einsum("blu,bl->bu", one_hot.astype(values.dtype), values)
+  return jnp.take_along_axis(per_unit, units.index, axis=1)
+
+
+@register("unigram")
+def unigram(tokens, mask, units, rng, stats):
+  """Surprisal -log p(token) (a word's is the sum of its pieces')."""
+  del rng
+  if stats.unigram_logprob is None:
+    raise ValueError("The unigram scorer needs unigram counts: build ScoringStats "
+                     "with the tokenizer's unigram_logprob().")
+  surprisal = -jnp.take(stats.unigram_logprob, tokens, axis=0)
+  return _unit_sum(jnp.where(mask, surprisal, 0.0), units, mask)
+
+
+@register("random")
+def random_order(tokens, mask, units, rng, stats):
+  """I.i.d. uniform scores: random-order insertion (fresh on every call)."""
+  del stats
+  u = jax.random.uniform(rng, tokens.shape)
+  # One draw per unit: read the draw at the unit's index.
+  return jnp.take_along_axis(u, units.index, axis=1)
+
+
+@register("left_to_right")
+def left_to_right(tokens, mask, units, rng, stats):
+  """-position: the autoregressive order (tree height n)."""
+  del tokens, mask, rng, stats
+  return -units.index.astype(jnp.float32)
+
+
+def balanced_depth(position: jax.Array, count: jax.Array) -> jax.Array:
+  """Depth of ``position`` in the balanced binary search tree over range(count).
+
+  The root of [lo, hi) is (lo + hi) // 2, so the height is ceil(log2(count + 1)).
+  Loops over tree levels (log2 L iterations), not over tokens.
+
+  Args:
+    position: int [B, L]; count: int [B].
+  Returns:
+    int32 [B, L].
+  """
+  lo = jnp.zeros_like(position)
+  hi = jnp.broadcast_to(count[:, None], position.shape)
+  depth = jnp.zeros_like(position)
+  max_levels = int(np.ceil(np.log2(position.shape[1] + 1))) + 1
+
+  def body(_, carry):
+    lo, hi, depth = carry
+    mid = (lo + hi) // 2
+    found = position == mid
+    go_left = position < mid
+    hi = jnp.where(~found & go_left, mid, hi)
+    lo = jnp.where(~found & ~go_left, mid + 1, lo)
+    depth = jnp.where(found, depth, depth + 1)
+    # Once found, keep lo/hi so that mid stays == position.
+    lo = jnp.where(found, position, lo)
+    hi = jnp.where(found, position + 1, hi)
+    return lo, hi, depth
+
+  _, _, depth = jax.lax.fori_loop(0, max_levels, body, (lo, hi, depth))
+  return depth.astype(jnp.int32)
+
+
+@register("balanced")
+def balanced(tokens, mask, units, rng, stats):
+  """Minus the depth in a balanced binary tree: the fewest insertion steps."""
+  del tokens, mask, rng, stats
+  return -balanced_depth(units.index, units.count).astype(jnp.float32)
+
+
+def make_units(tokens: jax.Array, mask: jax.Array, word_start: Optional[jax.Array]) -> Units:
+  """Token units, or word units when ``word_start`` [V] is given."""
+  length = tokens.shape[1]
+  if word_start is None:
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    offset = jnp.zeros_like(index)
+  else:
+    starts = jnp.take(word_start, tokens, axis=0) & mask
+    starts = starts.at[:, 0].set(True)  # a row never starts mid-word
+    index = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+    pos = jnp.arange(length, dtype=jnp.int32)[None, :]
+    start_pos = jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)
+    offset = pos - start_pos
+  count = jnp.where(jnp.any(mask, axis=1),
+                    jnp.max(jnp.where(mask, index, -1), axis=1) + 1, 0).astype(jnp.int32)
+  return Units(index=index, offset=offset, count=count)
+
+
+def content_keys(tokens: jax.Array, mask: jax.Array, seed: int) -> jax.Array:
+  """One PRNG key per row from a hash of its real tokens: [B] keys."""
+  length = tokens.shape[1]
+  mult = jnp.uint32(2654435761) ** jnp.arange(1, length + 1, dtype=jnp.uint32)
+  h = jnp.sum(jnp.where(mask, (tokens.astype(jnp.uint32) + 1) * mult, 0), axis=1,
+              dtype=jnp.uint32)
+  base = jax.random.key(seed)
+  return jax.vmap(lambda x: jax.random.fold_in(base, x))(h)
+
+
+def to_ranks(primary: jax.Array, secondary: jax.Array, tertiary: jax.Array,
+             mask: jax.Array) -> jax.Array:
+  """Distinct float32 ranks (0 = least significant), -1 on padding.
+
+  Orders by ``primary``, then ``secondary``, then ``tertiary`` (all [B, L]).
+  """
+  neg = jnp.finfo(jnp.float32).min
+  primary = jnp.where(mask, primary.astype(jnp.float32), neg)
+  order = jax.vmap(lambda a, b, c: jnp.lexsort((c, b, a)))(primary, secondary, tertiary)
+  ranks = jnp.argsort(order, axis=1)
+  n = jnp.sum(mask, axis=1, keepdims=True)
+  # Padding sorts first (lowest); shift so real tokens rank 0..n-1.
+  ranks = ranks - (primary.shape[1] - n)
+  return jnp.where(mask, ranks, -1).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerConfig:
+  """How to score: the static part (hashable, so it can close over jit).
+
+  Attributes:
+    name: a registered scorer, or ``mix``.
+    word_level: score whole words (all pieces share the word's score).
+    mix_base: the scorer that ``mix`` blends with ``balanced``.
+    mix_weight: weight of ``balanced`` in ``mix`` (0 = base only, 1 = balanced).
+    tiebreak_seed: seed of the per-example tie-breaking jitter.
+  """
+
+  name: str = "unigram"
+  word_level: bool = False
+  mix_base: str = "unigram"
+  mix_weight: float = 0.5
+  tiebreak_seed: int = 0
+
+  def validate(self) -> "ScorerConfig":
+    if self.name == "mix":
+      get(self.mix_base)
+      if not 0.0 <= self.mix_weight <= 1.0:
+        raise ValueError(f"scorer.mix_weight must be in [0, 1], got {self.mix_weight}.")
+    else:
+      get(self.name)
+    return self
+
+  @classmethod
+  def from_config(cls, config) -> "ScorerConfig":
+    """From an ml_collections ConfigDict (fields as above; missing ones default)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(config).items() if k in fields}).validate()
+
+
+def significance(
+    tokens: jax.Array, mask: jax.Array, rng: jax.Array, stats: ScoringStats,
+    config: ScorerConfig,
+) -> jax.Array:
+  """Distinct significance scores for a batch.
+
+  Args:
+    tokens: int32 [B, L] token ids.
+    mask: bool [B, L], true on real tokens (a prefix of each row).
+    rng: PRNG key, used only by random scorers.
+    stats: tables the scorers read.
+    config: which scorer, at which level.
+
+  Returns:
+    float32 [B, L]: ranks 0..n-1 (distinct) on real tokens, -1 on padding.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  mask = jnp.asarray(mask, bool)
+  word_start = stats.word_start if config.word_level else None
+  if config.word_level and word_start is None:
+    raise ValueError("Word-level scoring needs the tokenizer's word_start table in ScoringStats.")
+  units = make_units(tokens, mask, word_start)
+
+  def raw(name):
+    return get(name)(tokens, mask, units, rng, stats)
+
+  if config.name == "mix":
+    def unit_rank(score):
+      # Normalised rank among the row's tokens, in [0, 1].
+      r = to_ranks(score, -units.offset, jnp.zeros_like(score), mask)
+      return r / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True) - 1, 1)
+    score = ((1.0 - config.mix_weight) * unit_rank(raw(config.mix_base))
+             + config.mix_weight * unit_rank(raw("balanced")))
+  else:
+    score = raw(config.name)
+  keys = content_keys(tokens, mask, config.tiebreak_seed)
+  jitter = jax.vmap(lambda k: jax.random.uniform(k, (tokens.shape[1],)))(keys)
+  # Within a unit pieces share the score, and the first piece outranks the rest;
+  # the jitter is per unit, so it never reorders pieces inside a word.
+  jitter = jnp.take_along_axis(jitter, units.index, axis=1)
+  return to_ranks(score, -units.offset, jitter, mask)
+
+
+def subtree_log_size_sum(depth: jax.Array, mask: jax.Array) -> jax.Array:
+  """Sum over tree nodes v of log |subtree(v)|: float32 [B].
+
+  The entropy term log 1/q(tree) of a random Cartesian tree under i.i.d.
+  uniform scores (DESIGN section 2): add it to the path log-likelihood of the
+  ``random`` scorer to get a valid bound. A node's subtree is the maximal range
+  around it of nodes deeper than it.
+  """
+  length = depth.shape[1]
+  big = jnp.int32(length + 1)
+  d = jnp.where(mask, depth, -1)  # padding acts as a wall (shallower than all)
+  idx = jnp.arange(length)
+  # For each i, nearest j < i with d[j] < d[i], and nearest j > i with d[j] < d[i].
+  shallower = d[:, None, :] < d[:, :, None]  # [B, i, j]
+  left_wall = jnp.max(jnp.where(shallower & (idx[None, None, :] < idx[None, :, None]),
+                                idx[None, None, :], -1), axis=2)
+  right_wall = jnp.min(jnp.where(shallower & (idx[None, None, :] > idx[None, :, None]),
+                                 idx[None, None, :], big), axis=2)
+  right_wall = jnp.minimum(right_wall, length)
+  size = (right_wall - left_wall - 1).astype(jnp.float32)
+  return jnp.sum(jnp.where(mask, jnp.log(jnp.maximum(size, 1.0)), 0.0), axis=1)

@@ -1,0 +1,167 @@
+"""The forward process against an independent slow reference, plus its properties."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semdiff import noising
+from semdiff import scorers
+
+PAD, NONE = 0, 1000
+
+
+def reference_depth(scores):
+  """Depths by building the max-Cartesian tree recursively (root = argmax)."""
+  depth = [0] * len(scores)
+
+  def build(lo, hi, d):
+    if lo >= hi:
+      return
+    root = lo + int(np.argmax(scores[lo:hi]))
+    depth[root] = d
+    build(lo, root, d + 1)
+    build(root + 1, hi, d + 1)
+
+  build(0, len(scores), 0)
+  return depth
+
+
+def reference_noise(tokens, depth, keep):
+  """Canvas and gap targets by walking the sequence once."""
+  canvas = [t for t, k in zip(tokens, keep) if k]
+  targets = [None] * (len(canvas) + 1)
+  gap = 0
+  for t, d, k in zip(tokens, depth, keep):
+    if k:
+      gap += 1
+    elif targets[gap] is None or d < targets[gap][1]:
+      targets[gap] = (t, d)
+  return canvas, [NONE if x is None else x[0] for x in targets]
+
+
+def random_batch(rng, batch, length, ties):
+  lengths = rng.integers(0, length + 1, size=batch)
+  lengths[0], lengths[-1] = 0, length
+  mask = np.arange(length)[None, :] < lengths[:, None]
+  tokens = rng.integers(2, 50, size=(batch, length))
+  if ties:
+    raw = rng.integers(0, 4, size=(batch, length)).astype(np.float32)
+  else:
+    raw = rng.normal(size=(batch, length)).astype(np.float32)
+  return tokens, mask, lengths, raw
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 16, 33])
+@pytest.mark.parametrize("ties", [False, True])
+def test_depth_and_levels_match_reference(length, ties):
+  rng = np.random.default_rng(length * 2 + ties)
+  tokens, mask, lengths, raw = random_batch(rng, 24, length, ties)
+  # Break ties the way the library does: ranks of (raw score, jitter).
+  scores = np.asarray(scorers.to_ranks(jnp.asarray(raw), jnp.zeros_like(raw), jnp.asarray(
+      rng.uniform(size=raw.shape)), jnp.asarray(mask)))
+  for b in range(len(lengths)):
+    real = scores[b, :lengths[b]]
+    assert len(set(real.tolist())) == lengths[b]  # distinct after tie-breaking
+  depth = np.asarray(jax.jit(noising.insertion_depth)(scores, mask))
+  assert depth.dtype == np.int32
+  for b, n in enumerate(lengths):
+    assert depth[b, :n].tolist() == reference_depth(scores[b, :n])
+    assert np.all(depth[b, n:] >= length)
+
+  heights = np.asarray(noising.tree_height(depth, mask))
+  for level_fn in (lambda h: np.zeros_like(h), lambda h: h, lambda h: h + 1,
+                   lambda h: rng.integers(0, h + 2)):
+    level = level_fn(heights).astype(np.int32)
+    canvas, targets = jax.jit(noising.noise_to_level, static_argnames=("pad_id", "none_id"))(
+        tokens, depth, level, pad_id=PAD, none_id=NONE)
+    canvas, targets = np.asarray(canvas), np.asarray(targets)
+    assert canvas.shape == (len(lengths), length)
+    assert targets.shape == (len(lengths), length + 1)
+    for b, n in enumerate(lengths):
+      keep = [depth[b, i] < level[b] for i in range(n)]
+      ref_canvas, ref_targets = reference_noise(tokens[b, :n], depth[b, :n], keep)
+      k = len(ref_canvas)
+      assert canvas[b, :k].tolist() == list(ref_canvas)
+      assert np.all(canvas[b, k:] == PAD)
+      assert targets[b, :k + 1].tolist() == ref_targets
+      assert np.all(targets[b, k + 1:] == -1)
+      # Every target is a depth == level token: one step goes level h -> h+1.
+      inserted = [t for t in ref_targets if t != NONE]
+      assert sorted(inserted) == sorted(tokens[b, :n][depth[b, :n] == level[b]].tolist())
+
+
+def test_level_zero_empty_and_level_height_full():
+  rng = np.random.default_rng(0)
+  tokens, mask, lengths, raw = random_batch(rng, 16, 20, False)
+  depth = noising.insertion_depth(raw, mask)
+  height = noising.tree_height(depth, mask)
+  canvas0, targets0 = noising.noise_to_level(tokens, depth, jnp.zeros_like(height),
+                                             pad_id=PAD, none_id=NONE)
+  assert np.all(np.asarray(canvas0) == PAD)
+  for b, n in enumerate(lengths):
+    expected = NONE if n == 0 else tokens[b, int(np.argmax(raw[b, :n]))]
+    assert int(targets0[b, 0]) == expected  # the root goes in first
+  canvas_h, targets_h = noising.noise_to_level(tokens, depth, height, pad_id=PAD, none_id=NONE)
+  for b, n in enumerate(lengths):
+    assert np.asarray(canvas_h)[b, :n].tolist() == tokens[b, :n].tolist()
+    # Level H is the whole sequence; the step H -> H+1 says none everywhere.
+    assert np.all(np.asarray(targets_h)[b, :n + 1] == NONE)
+
+
+def _heights(config, lengths, max_len=40):
+  tokens = np.arange(1, max_len + 1)[None, :].repeat(len(lengths), 0) % 37 + 2
+  mask = np.arange(max_len)[None, :] < np.asarray(lengths)[:, None]
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1, -9, 64))
+  scores = scorers.significance(tokens, mask, jax.random.key(0), stats, config)
+  depth = noising.insertion_depth(scores, mask)
+  return np.asarray(noising.tree_height(depth, mask))
+
+
+def test_left_to_right_height_is_n():
+  lengths = list(range(0, 41))
+  heights = _heights(scorers.ScorerConfig(name="left_to_right"), lengths)
+  assert heights.tolist() == lengths
+
+
+def test_balanced_height_is_minimal():
+  lengths = list(range(0, 41))
+  heights = _heights(scorers.ScorerConfig(name="balanced"), lengths)
+  assert heights.tolist() == [math.ceil(math.log2(n + 1)) for n in lengths]
+
+
+def test_frontier_state_targets_match_reference():
+  rng = np.random.default_rng(3)
+  tokens, mask, lengths, raw = random_batch(rng, 32, 24, False)
+  depth = np.asarray(noising.insertion_depth(raw, mask))
+  height = np.asarray(noising.tree_height(depth, mask))
+  level = rng.integers(0, height + 1).astype(np.int32)
+  keep = np.asarray(noising.frontier_keep(depth, level, 0.5, jax.random.key(1)))
+  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
+  for b, n in enumerate(lengths):
+    ref_canvas, ref_targets = reference_noise(tokens[b, :n], depth[b, :n], keep[b, :n])
+    assert int(out.length[b]) == len(ref_canvas)
+    assert np.asarray(out.canvas)[b, :len(ref_canvas)].tolist() == list(ref_canvas)
+    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
+
+
+def test_drafts_grow_coarse_to_fine():
+  scores = np.array([0.1, 0.5, 0.4, 0.9, 0.8, 0.3, 0.0, 0.2, 0.7])
+  words = "a quick brown fox jumps over the lazy dog".split()
+  depth = np.asarray(noising.insertion_depth(scores[None], np.ones((1, 9), bool)))[0]
+  steps = noising.drafts(np.arange(9), depth)
+  assert steps[0] == [] and steps[-1] == list(range(9))
+  assert [words[i] for i in steps[1]] == ["fox"]
+  for a, b in zip(steps, steps[1:]):
+    assert set(a) < set(b) and len(b) <= 2 * len(a) + 1  # at most one per gap
+
+
+def test_random_tree_entropy_term():
+  # A chain (left_to_right) has subtree sizes n, n-1, ..., 1.
+  n = 6
+  depth = jnp.arange(n)[None]
+  mask = jnp.ones((1, n), bool)
+  got = float(scorers.subtree_log_size_sum(depth, mask)[0])
+  assert got == pytest.approx(sum(math.log(k) for k in range(1, n + 1)), rel=1e-6)
