@@ -1,0 +1,137 @@
+r"""The default semdiff config: an insertion model on the embedded grammar corpus.
+
+Variants (``--config=configs/default.py:VARIANT``):
+  tiny   a few-minute smoke run (tests, Colab);
+  small  the default: trains on 2 CPU cores in about 10 minutes;
+  base   a real accelerator run.
+
+Run:
+  python -m semdiff.main --config=configs/default.py --workdir=/tmp/semdiff
+  python -m semdiff.main --config=configs/default.py:tiny --workdir=/tmp/tiny \
+      --config.scorer.name=balanced --config.train.num_steps=200
+
+Any field can be overridden as ``--config.<group>.<field>=value``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+VARIANTS = ("tiny", "small", "base")
+
+
+def get_config(variant: str = "small") -> ml_collections.ConfigDict:
+  """Returns the config of ``variant`` (one of VARIANTS)."""
+  variant = variant or "small"
+  if variant not in VARIANTS:
+    raise ValueError(
+        f"Unknown config variant {variant!r}; choose one of {', '.join(VARIANTS)} "
+        "(e.g. --config=configs/default.py:tiny).")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  # "insertion" (semdiff) or "causal" (the autoregressive baseline).
+  c.model_kind = "insertion"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "grammar"           # see semdiff.data.pipeline.DATASETS
+  c.data.seed = 0                   # which sentences the grammar corpus holds
+  c.data.max_len = 48               # tokens per example; longer examples are dropped
+  c.data.vocab_size = 1024          # SentencePiece vocabulary (pad/bos/eos/unk included)
+  c.data.tokenizer_type = "bpe"     # "bpe" (fast to train) or "unigram"
+  c.data.tokenizer_path = ""        # a trained .model to load; "" trains one in the workdir
+  c.data.tokenizer_sentences = 20000  # training sentences sampled to train the tokenizer
+  c.data.files = ""                 # text_files: a glob of .txt / .jsonl files
+  c.data.eval_examples = 512        # held-out examples for the NLL bound
+
+  c.scorer = ml_collections.ConfigDict()
+  c.scorer.name = "unigram"         # see semdiff.scorers.names()
+  c.scorer.word_level = True        # pieces of a word share its score
+  c.scorer.mix_base = "unigram"     # for name="mix": blended with "balanced"
+  c.scorer.mix_weight = 0.5
+  c.scorer.tiebreak_seed = 0
+
+  c.noise = ml_collections.ConfigDict()
+  c.noise.frontier_prob = 0.0       # share of partial-level (frontier) training states
+  c.noise.embed_loss_weight = 0.0   # lambda of the embedding-distance loss
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.mlp_dim = 512
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16"
+  c.model.remat = False             # rematerialise blocks in the backward pass
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.1        # cosine decay to this fraction of the peak
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64           # global batch
+  c.train.num_steps = 3000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 2
+  c.train.num_samples = 256         # samples drawn (and checked) at the end
+  c.train.samples_to_print = 5
+  c.train.sample_every = 1000
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.temperature = 1.0       # 0 = greedy
+  c.sampler.top_k = 0
+  c.sampler.top_p = 1.0
+  c.sampler.tau = 0.0               # probability threshold (0 = off)
+  c.sampler.gaps = "all"            # "all" or "last" (left-to-right decoding)
+  c.sampler.max_steps = 48
+  c.sampler.max_len = 48            # canvas capacity in tokens
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                  # data-parallel axis (-1 = all remaining devices)
+  c.mesh.fsdp = 1                   # fully-sharded-parameter axis
+
+  if variant == "tiny":
+    c.data.vocab_size = 512
+    c.data.tokenizer_sentences = 5000
+    c.data.max_len = 32
+    c.data.eval_examples = 64
+    c.model.d_model = 64
+    c.model.num_layers = 2
+    c.model.num_heads = 2
+    c.model.mlp_dim = 128
+    c.train.batch_size = 16
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 10
+    c.train.sample_every = 10
+    c.train.num_samples = 8
+    c.train.samples_to_print = 2
+    c.optim.warmup_steps = 5
+    c.sampler.max_steps = 32
+    c.sampler.max_len = 32
+  elif variant == "base":
+    c.data.max_len = 128
+    c.data.vocab_size = 8192
+    c.model.d_model = 512
+    c.model.num_layers = 8
+    c.model.num_heads = 8
+    c.model.mlp_dim = 2048
+    c.model.dtype = "bfloat16"
+    c.train.batch_size = 256
+    c.train.num_steps = 100_000
+    c.train.eval_every = 5000
+    c.train.checkpoint_every = 2000
+    c.train.sample_every = 5000
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 2000
+    c.sampler.max_steps = 128
+    c.sampler.max_len = 128
+  return c

@@ -1,0 +1,79 @@
+"""Checkpoints: train state and data-iterator position together, with orbax.
+
+A checkpoint holds ``state`` (params, optimiser state, step, rng) and ``data``
+(the grain iterator's state) under one step, written asynchronously and made
+visible only when complete, so a run killed mid-save restarts from the last
+complete step. The run's config (with the tokenizer's vocabulary size) sits in
+``<workdir>/config.json`` so that a mismatched restart is caught before any
+restore is attempted.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         data=ocp.args.JsonSave(data_state)))
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any
+                   ) -> Optional[tuple[int, Any, dict]]:
+  """(step, state, data_state) of the newest readable checkpoint, or None.
+
+  A checkpoint that fails to read (e.g. truncated files) is reported and the
+  next older one is tried; if none can be read, one clear error says so.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    try:
+      restored = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return step, restored["state"], restored["data"]
+    except Exception as e:  # pylint: disable=broad-except
+      msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      logging.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, msg)
+      errors.append((step, msg))
+  if errors:
+    raise RuntimeError(
+        f"No readable checkpoint in {mgr.directory}: steps {[s for s, _ in errors]} all failed "
+        f"(newest: {errors[0][1]}). Delete the broken step folders or start a new --workdir.")
+  return None
+
+
+def check_run_config(workdir: str, config_json: dict) -> None:
+  """Refuses to resume a workdir trained with an incompatible config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  for group, key in (("model", "vocab_size"), ("model", "d_model"), ("model", "num_layers"),
+                     ("model", "num_heads"), ("model", "mlp_dim"), (None, "model_kind")):
+    a = old.get(group, {}).get(key) if group else old.get(key)
+    b = config_json.get(group, {}).get(key) if group else config_json.get(key)
+    if a is not None and a != b:
+      name = f"{group}.{key}" if group else key
+      raise ValueError(
+          f"{workdir} holds a run with {name}={a}, but this run has {name}={b}; use a new "
+          f"--workdir, or the same tokenizer and model settings to resume.")
+
+
+def write_run_config(workdir: str, config_json: dict) -> None:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_json, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,253 @@
+"""The Transformer: a bidirectional insertion model and its causal AR twin.
+
+One backbone (pre-norm, rotary positions, gated MLP) serves both:
+
+* `InsertionTransformer` reads the canvas ``[BOS] x_h [EOS] [PAD]...`` with full
+  (bidirectional) attention inside each segment and, for every gap ``g``
+  between canvas positions ``g`` and ``g + 1``, gives logits over the
+  vocabulary plus ``none_id = vocab_size`` ("no insertion here").
+* `CausalTransformer` is the same backbone with causal attention and a
+  next-token head: the autoregressive baseline of the same size.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
+``mlp``) in their ``out_sharding`` metadata; `semdiff.sharding` maps them to
+mesh axes. Shapes: ``B`` batch, ``T`` canvas positions, ``D`` model width,
+``V`` vocabulary (with pad/bos/eos), ``G = T - 1`` gaps.
+"""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture (hashable; fields mirror ``config.model``).
+
+  Attributes:
+    vocab_size: V, the tokenizer's vocabulary (pad/bos/eos included).
+    d_model: width D.
+    num_layers: Transformer blocks.
+    num_heads: attention heads (D must divide by it).
+    mlp_dim: hidden width of the gated MLP.
+    tie_embeddings: share the input embedding with the output projection.
+    dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+    remat: rematerialise each block in the backward pass (saves memory).
+    rope_base: rotary-embedding wavelength base.
+  """
+
+  vocab_size: int
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  remat: bool = False
+  rope_base: float = 10000.0
+
+  @classmethod
+  def from_config(cls, config, vocab_size: int) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    cfg = cls(vocab_size=vocab_size, **{k: v for k, v in dict(config).items() if k in fields})
+    if cfg.d_model % cfg.num_heads:
+      raise ValueError(f"model.d_model={cfg.d_model} must be divisible by "
+                       f"model.num_heads={cfg.num_heads}.")
+    if (cfg.d_model // cfg.num_heads) % 2:
+      raise ValueError("model.d_model / model.num_heads must be even for rotary embeddings.")
+    return cfg
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
+  """A float32 parameter with logical axis names."""
+  init = nnx.with_partitioning(init, axes, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding. x: [B, T, H, K]; positions: int [B, T]."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, K/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, rngs: nnx.Rngs):
+    self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",))
+
+  def __call__(self, x):
+    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    y = x.astype(jnp.float32) * jax.lax.rsqrt(var + 1e-6) * self.scale[...]
+    return y.astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm attention + gated-MLP block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.num_heads
+    k = d // h
+    init = nnx.initializers.lecun_normal()
+    self.cfg = cfg
+    self.attn_norm = RMSNorm(d, rngs)
+    self.qkv = _param(rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                              in_axis=0, out_axis=(1, 2, 3)),
+                      (d, 3, h, k), ("embed", None, "heads", "kv"))
+    self.out = _param(rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                              in_axis=(0, 1), out_axis=2),
+                      (h, k, d), ("heads", "kv", "embed"))
+    self.mlp_norm = RMSNorm(d, rngs)
+    self.gate_up = _param(rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                                  in_axis=0, out_axis=(1, 2)),
+                          (d, 2, cfg.mlp_dim), ("embed", None, "mlp"))
+    self.down = _param(rngs, init, (cfg.mlp_dim, d), ("mlp", "embed"))
+
+  def __call__(self, x, positions, attn_mask):
+    """x: [B, T, D]; positions: int [B, T]; attn_mask: bool [B, T, T] (query, key)."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    y = self.attn_norm(x)
+    q, k, v = jnp.unstack(jnp.einsum("btd,dchk->cbthk", y, self.qkv[...].astype(dt)), axis=0)
+    q = rotary(q, positions, cfg.rope_base)
+    k = rotary(k, positions, cfg.rope_base)
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    logits = jnp.where(attn_mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    attn = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    x = x + jnp.einsum("bqhk,hkd->bqd", attn, self.out[...].astype(dt))
+    y = self.mlp_norm(x)
+    gate, up = jnp.unstack(jnp.einsum("btd,dcf->cbtf", y, self.gate_up[...].astype(dt)), axis=0)
+    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down[...].astype(dt))
+
+
+class Backbone(nnx.Module):
+  """Embedding + blocks + final norm, shared by both model kinds."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                        ("vocab", "embed"))
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, rngs)
+
+  def __call__(self, tokens, segment_ids, positions, causal: bool):
+    """Hidden states.
+
+    Args:
+      tokens: int [B, T] input ids.
+      segment_ids: int [B, T]; attention stays inside a segment; 0 = padding.
+      positions: int [B, T], position of each token inside its segment.
+      causal: attend only to earlier positions.
+
+    Returns:
+      [B, T, D] in the compute dtype.
+    """
+    cfg = self.cfg
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    if causal:
+      t = tokens.shape[1]
+      same &= jnp.tril(jnp.ones((t, t), bool))[None]
+    # A padding query attends to itself so its softmax stays finite.
+    same |= jnp.eye(tokens.shape[1], dtype=bool)[None]
+    for block in self.blocks:
+      if cfg.remat:
+        x = nnx.remat(lambda blk, x_: blk(x_, positions, same))(block, x)
+      else:
+        x = block(x, positions, same)
+    return self.final_norm(x)
+
+
+class InsertionTransformer(nnx.Module):
+  """Bidirectional encoder over the canvas with a per-gap insertion head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Backbone(cfg, rngs)
+    d = cfg.d_model
+    self.gap_in = _param(rngs, nnx.initializers.lecun_normal(), (2 * d, d), (None, "embed"))
+    self.gap_norm = RMSNorm(d, rngs)
+    self.none_embed = _param(rngs, nnx.initializers.normal(1.0), (1, d), (None, "embed"))
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (d, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  @property
+  def none_id(self) -> int:
+    return self.cfg.vocab_size
+
+  def __call__(self, tokens, segment_ids, positions):
+    """Gap logits.
+
+    Args:
+      tokens: int [B, T], canvases ``[BOS] x [EOS]`` (one or more per row).
+      segment_ids: int [B, T], 0 on padding.
+      positions: int [B, T], position inside the segment.
+
+    Returns:
+      float32 [B, T-1, V+1]: logits of gap g, between positions g and g+1;
+      meaningful where both neighbours are in the same segment and the left
+      one is not EOS.
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    h = self.backbone(tokens, segment_ids, positions, causal=False)
+    pair = jnp.concatenate([h[:, :-1], h[:, 1:]], axis=-1)
+    g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair, self.gap_in[...].astype(dt))))
+    return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
+
+  def output_table(self) -> jax.Array:
+    """[V+1, D]: output embedding of every id, ``none`` last."""
+    table = self.backbone.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
+    scale = 1.0 / jnp.sqrt(jnp.float32(self.cfg.d_model))
+    return jnp.concatenate([table, self.none_embed[...]], axis=0) * scale
+
+  def token_embedding(self) -> jax.Array:
+    """[V, D]: the input embedding table (embedding losses and scorers)."""
+    return self.backbone.embed[...]
+
+
+class CausalTransformer(nnx.Module):
+  """The autoregressive baseline: same backbone, causal mask, next-token head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Backbone(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (cfg.d_model, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  def __call__(self, tokens, segment_ids, positions):
+    """Next-token logits, float32 [B, T, V], for input [B, T]."""
+    cfg = self.cfg
+    h = self.backbone(tokens, segment_ids, positions, causal=True)
+    table = self.backbone.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+    table = table / jnp.sqrt(jnp.float32(cfg.d_model))
+    return jnp.einsum("btd,dv->btv", h, table.astype(cfg.compute_dtype)).astype(jnp.float32)
+
+
+MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer}
+
+
+def build(kind: str, cfg: ModelConfig, seed: int = 0):
+  """A freshly initialised model of ``kind`` ("insertion" or "causal")."""
+  if kind not in MODELS:
+    raise ValueError(f"Unknown model kind {kind!r}; choose one of {sorted(MODELS)}.")
+  return MODELS[kind](cfg, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

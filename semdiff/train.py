@@ -1,0 +1,383 @@
+"""The training loop: jitted steps over a mesh, checkpoints, metrics, samples.
+
+`train_and_evaluate(config, workdir)` is the whole job. A rerun of the same
+command resumes from the newest complete checkpoint in ``workdir`` with the
+same data order; the final step also evaluates and prints samples.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from semdiff import checkpointing
+from semdiff import evaluation
+from semdiff import losses
+from semdiff import metrics as metrics_lib
+from semdiff import model as model_lib
+from semdiff import sampling
+from semdiff import scorers
+from semdiff import sharding
+from semdiff.data import grammar as grammar_lib
+from semdiff.data import pipeline
+from semdiff.data import tokenizer as tokenizer_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before the loop starts."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  model_cfg: model_lib.ModelConfig
+  graphdef: Any
+  stats: scorers.ScoringStats
+  scorer_cfg: scorers.ScorerConfig
+  noise_cfg: losses.NoiseConfig
+  sampler_cfg: sampling.SamplerConfig
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_sharding: Any
+  abstract_state: Any
+
+
+def make_schedule(config) -> optax.Schedule:
+  o, steps = config.optim, int(config.train.num_steps)
+  warmup = min(int(o.warmup_steps), max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1), end_value=o.learning_rate * o.min_lr_ratio)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  o = config.optim
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+
+
+def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+  """The configured tokenizer, trained in ``<workdir>/tokenizer`` on first use."""
+  path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer", "spm.model")
+  return tokenizer_lib.get_tokenizer(
+      path, pipeline.tokenizer_texts(config), vocab_size=int(config.data.vocab_size),
+      model_type=config.data.tokenizer_type, max_sentences=int(config.data.tokenizer_sentences),
+      is_writer=jax.process_index() == 0)
+
+
+def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
+  return scorers.ScoringStats(
+      unigram_logprob=jnp.asarray(tok.unigram_logprob()),
+      word_start=jnp.asarray(tok.word_start_table))
+
+
+def loss_fn_for(kind: str):
+  return losses.insertion_loss if kind == "insertion" else losses.ar_loss
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str,
+                     tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> Experiment:
+  """Validates the config and builds the pieces of a run (no training)."""
+  if config.model_kind not in model_lib.MODELS:
+    raise ValueError(f"Unknown model_kind {config.model_kind!r}; choose one of "
+                     f"{sorted(model_lib.MODELS)}.")
+  scorer_cfg = scorers.ScorerConfig.from_config(config.scorer)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch(int(config.train.batch_size), mesh)
+  tok = tokenizer or load_tokenizer(config, workdir)
+  with config.unlocked():
+    config.model.vocab_size = tok.vocab_size
+  model_cfg = model_lib.ModelConfig.from_config(config.model, tok.vocab_size)
+  noise_cfg = losses.NoiseConfig.from_config(config.noise)
+  sampler_cfg = sampling.SamplerConfig.from_config(config.sampler)
+  schedule = make_schedule(config)
+  optimizer = make_optimizer(config, schedule)
+
+  abstract_model = nnx.eval_shape(lambda: model_lib.build(config.model_kind, model_cfg))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  params_sharding = sharding.param_shardings(abstract_params, mesh)
+  abstract_state = jax.eval_shape(functools.partial(_init_state, config, model_cfg, optimizer))
+  state_sharding = sharding.state_shardings(abstract_state, params_sharding, mesh)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding)
+  return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tok, model_cfg=model_cfg,
+                    graphdef=graphdef, stats=scoring_stats(tok), scorer_cfg=scorer_cfg,
+                    noise_cfg=noise_cfg, sampler_cfg=sampler_cfg, optimizer=optimizer,
+                    schedule=schedule, state_sharding=state_sharding,
+                    abstract_state=abstract_state)
+
+
+def _init_state(config, model_cfg, optimizer) -> dict:
+  model = model_lib.build(config.model_kind, model_cfg, seed=int(config.seed))
+  params = nnx.state(model, nnx.Param)
+  return {"params": params, "opt_state": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(jax.random.key(int(config.seed) + 1))}
+
+
+def init_state(exp: Experiment) -> dict:
+  """Parameters born sharded: init jitted with the state's out_shardings."""
+  init = jax.jit(functools.partial(_init_state, exp.config, exp.model_cfg, exp.optimizer),
+                 out_shardings=exp.state_sharding)
+  return init()
+
+
+def make_train_step(exp: Experiment):
+  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state."""
+  loss_fn = loss_fn_for(exp.config.model_kind)
+  graphdef, stats = exp.graphdef, exp.stats
+  scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
+  optimizer, schedule = exp.optimizer, exp.schedule
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+    def compute_loss(params):
+      model = nnx.merge(graphdef, params)
+      return loss_fn(model, batch["tokens"], batch["mask"], rng, stats, scorer_cfg, noise_cfg)
+
+    (_, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(state["step"]))
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+            "rng": state["rng"]}, metrics
+
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  return jax.jit(train_step, in_shardings=(exp.state_sharding, batch_sharding),
+                 out_shardings=(exp.state_sharding, sharding.replicated(exp.mesh)),
+                 donate_argnums=0)
+
+
+def summarize(window: list[dict]) -> dict:
+  """Average a window of per-step metrics into readable scalars."""
+  total = {k: float(np.sum([m[k] for m in window])) for k in window[0]}
+  n = len(window)
+  out = {
+      "loss": total["loss"] / n,
+      "gap_accuracy": total["gap_correct"] / max(total["gap_count"], 1),
+      "grad_norm": total["grad_norm"] / n,
+      "learning_rate": window[-1]["learning_rate"],
+      "mean_height": total["mean_height"] / n,
+  }
+  if total["nll_bound_tokens"]:
+    out["nll_per_token"] = total["nll_bound_sum"] / total["nll_bound_tokens"]
+    out["nll_per_sentence"] = total["nll_bound_sum"] / max(total["nll_bound_sentences"], 1)
+  if total["embed_distance"]:
+    out["embed_distance"] = total["embed_distance"] / n
+  out["tokens"] = total["tokens"]
+  out["canvas_positions"] = total["canvas_positions"]
+  return out
+
+
+class _Preempted:
+  """Turns SIGTERM into a flag checked between steps."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def generate(exp: Experiment, params, num: int, rng) -> tuple[sampling.Samples, list[str]]:
+  """``num`` samples from the trained model and their texts."""
+  if exp.config.model_kind == "causal":
+    run = sampling.make_causal_sampler(exp.graphdef, exp.sampler_cfg, num)
+  else:
+    run = sampling.make_sampler(exp.graphdef, exp.sampler_cfg, num)
+  samples = jax.device_get(run(params, rng))
+  texts = [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
+           for i in range(num)]
+  return samples, texts
+
+
+def sample_report(exp: Experiment, params, step: int, writer, *, num: int,
+                  to_print: int) -> dict:
+  """Draw samples, write them as JSON lines, print a few with drafts."""
+  samples, texts = generate(exp, params, num, jax.random.key(int(exp.config.seed) + 7 + step))
+  report = {"sample_length": float(np.mean(samples.length)),
+            "sample_calls": float(np.mean(samples.calls))}
+  if exp.config.data.name == "grammar":
+    report.update(evaluation.grammar_report(texts, grammar_lib.default_grammar()))
+  if jax.process_index() == 0:
+    path = os.path.join(exp.workdir, "samples", f"step_{step:08d}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      for i, t in enumerate(texts):
+        f.write(json.dumps({"text": t, "calls": int(samples.calls[i]),
+                            "drafts": sampling.draft_texts(samples, i, exp.tokenizer.decode)})
+                + "\n")
+    lines = []
+    for i in range(min(to_print, num)):
+      lines.append(f"sample {i} ({int(samples.calls[i])} model calls):")
+      for d in sampling.draft_texts(samples, i, exp.tokenizer.decode):
+        lines.append(f"    {d if d else '(empty)'}")
+    print("\n".join(lines), flush=True)
+    writer.write_text(step, "samples", "\n".join(lines))
+  return report
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if possible); returns final metrics."""
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  exp = build_experiment(config, workdir)
+  config_json = json.loads(config.to_json_best_effort())
+  checkpointing.check_run_config(workdir, config_json)
+  if is_main:
+    checkpointing.write_run_config(workdir, config_json)
+
+  mgr = checkpointing.manager(workdir, keep=int(config.train.keep_checkpoints))
+  train_iter = pipeline.train_iterator(config, exp.tokenizer, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  restored = checkpointing.restore_latest(mgr, exp.abstract_state)
+  if restored is None:
+    state = init_state(exp)
+    start = 0
+  else:
+    start, state, data_state = restored
+    train_iter.set_state(data_state)
+    logging.info("Resumed from step %d in %s.", start, workdir)
+    print(f"Resuming from the checkpoint at step {start}.", flush=True)
+
+  num_params = model_lib.count_params(state["params"])
+  num_steps = int(config.train.num_steps)
+  if is_main:
+    print(f"semdiff: {config.model_kind} model, {num_params / 1e6:.2f}M parameters, "
+          f"vocab {exp.tokenizer.vocab_size}, scorer {exp.scorer_cfg.name}, "
+          f"mesh {dict(exp.mesh.shape)}, steps {start}->{num_steps}", flush=True)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  train_step = make_train_step(exp)
+  eval_batches = pipeline.eval_batches(config, exp.tokenizer, "validation")
+  evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg)
+  preempted = _Preempted()
+  old_handler = signal.signal(signal.SIGTERM, preempted)
+  progress = metrics_lib.Progress(start, num_steps)
+  window, pending = [], None
+  t_window = time.time()
+
+  def on_metrics(step, m):
+    if not np.isfinite(m["loss"]):
+      raise TrainingDiverged(
+          f"Loss is {m['loss']} at step {step}; stopping. The last good checkpoint in "
+          f"{workdir}/checkpoints is kept: lower --config.optim.learning_rate or raise "
+          f"--config.optim.warmup_steps and rerun.")
+    window.append(m)
+
+  def save(step):
+    checkpointing.save(mgr, step, state, train_iter.get_state())
+
+  final = {}
+  try:
+    step = start
+    while step < num_steps:
+      batch = sharding.global_batch(next(train_iter), exp.mesh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      # Read the previous step's metrics only now, so the device stays busy.
+      if pending is not None:
+        on_metrics(*pending)
+      pending = (step, step_metrics)
+      progress.tick(step)
+      boundary = (step % int(config.train.log_every) == 0 or step == num_steps
+                  or step % int(config.train.checkpoint_every) == 0 or preempted.requested)
+      if boundary:
+        on_metrics(*jax.device_get(pending))
+        pending = None
+      if step % int(config.train.log_every) == 0 or step == num_steps:
+        summary = summarize(window)
+        dt = time.time() - t_window
+        summary["tokens_per_s"] = summary.pop("tokens") / dt
+        summary["positions_per_s"] = summary.pop("canvas_positions") / dt
+        per_step, left = progress.eta(step)
+        summary["step_time_s"] = per_step
+        writer.write(step, summary, prefix="train/")
+        if is_main:
+          nll = (f" | nll/tok {summary['nll_per_token']:.3f}" if "nll_per_token" in summary
+                 else "")
+          print(f"step {step}/{num_steps} | loss {summary['loss']:.3f}{nll} | gap acc "
+                f"{summary['gap_accuracy']:.3f} | grad {summary['grad_norm']:.2f} | lr "
+                f"{summary['learning_rate']:.2e} | {summary['tokens_per_s']:,.0f} tok/s | "
+                f"{per_step:.3f} s/step | ETA {metrics_lib.format_duration(left)}", flush=True)
+        window, t_window = [], time.time()
+      if step % int(config.train.checkpoint_every) == 0 or step == num_steps or \
+          preempted.requested:
+        save(step)
+      if preempted.requested:
+        mgr.wait_until_finished()
+        print(f"SIGTERM: saved the checkpoint at step {step}; rerun the same command to resume.",
+              flush=True)
+        return {"step": step, "preempted": True}
+      if step % int(config.train.eval_every) == 0 or step == num_steps:
+        ev = evaluator(state["params"], eval_batches)
+        writer.write(step, ev, prefix="eval/")
+        final.update({f"eval/{k}": v for k, v in ev.items()})
+        if is_main:
+          print(f"eval @ {step}: NLL bound {ev['nll_per_sentence']:.2f} nats/sentence, "
+                f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})",
+                flush=True)
+      if step % int(config.train.sample_every) == 0 and step != num_steps:
+        rep = sample_report(exp, state["params"], step, writer, num=32, to_print=0)
+        writer.write(step, rep, prefix="samples/")
+    rep = sample_report(exp, state["params"], num_steps, writer,
+                        num=int(config.train.num_samples),
+                        to_print=int(config.train.samples_to_print))
+    writer.write(num_steps, rep, prefix="samples/")
+    final.update({f"samples/{k}": v for k, v in rep.items()})
+    final["step"] = num_steps
+    if config.data.name == "grammar" and is_main:
+      final.update(_grammar_summary(config, exp, eval_batches, final))
+    mgr.wait_until_finished()
+    return final
+  finally:
+    signal.signal(signal.SIGTERM, old_handler)
+    mgr.close()
+    writer.close()
+
+
+def _grammar_summary(config, exp, eval_batches, final) -> dict:
+  """The true entropy of the validation sentences, next to the model's bound."""
+  grammar = grammar_lib.default_grammar()
+  true_nll = []
+  for batch in eval_batches:
+    for row, m in zip(batch["tokens"], batch["mask"]):
+      if m.any():
+        true_nll.append(-grammar.logprob(exp.tokenizer.decode(row[m].tolist())))
+  true_nll = np.asarray(true_nll)
+  out = {"true_nll_per_sentence": float(true_nll.mean())}
+  lines = [
+      "",
+      "summary (validation sentences, grammar corpus)",
+      f"  NLL bound per sentence   {final.get('eval/nll_per_sentence', float('nan')):8.2f} nats",
+      f"  true entropy (grammar)   {out['true_nll_per_sentence']:8.2f} nats (same sentences)",
+      f"  samples grammatical      {final['samples/grammatical']:8.1%} of "
+      f"{int(config.train.num_samples)}",
+      f"  mean sample length       {final['samples/sample_length']:8.2f} tokens",
+      f"  mean model calls/sample  {final['samples/sample_calls']:8.2f}",
+  ]
+  print("\n".join(lines), flush=True)
+  return out
