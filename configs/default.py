@@ -42,6 +42,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.data.tokenizer_sentences = 20000  # training sentences sampled to train the tokenizer
   c.data.files = ""                 # text_files: a glob of .txt / .jsonl files
   c.data.eval_examples = 512        # held-out examples for the NLL bound
+  c.data.read_threads = 1           # grain reader threads (per process)
+  c.data.prefetch = 256             # examples read ahead
 
   c.scorer = ml_collections.ConfigDict()
   c.scorer.name = "unigram"         # see semdiff.scorers.names()

@@ -12,19 +12,22 @@ Glossary:
   inside       p(sentence) = sum over all derivations of the sentence. Ambiguous sentences
                (e.g. prepositional-phrase attachment) have several derivations.
 
-The default grammar (``default_grammar()``) has about 570 word types, number agreement
+The default grammar (``default_grammar()``) has 585 word types, number agreement
 (determiner-noun, subject-verb, copula, relative clauses), animacy (which verbs take which
 subjects and objects), transitive, intransitive, ditransitive and clausal-complement verbs,
 relative clauses with subject and object gaps, prepositional phrases that attach to nouns and
 to verbs, coordination and subordinate clauses. Its recursion is subcritical (checked on
 construction), so sampling terminates with probability one and the expected length is finite;
 nothing is truncated or resampled, so ``logprob`` describes exactly what ``sample`` draws.
+Sentences have 3 to about 40 tokens, rarely more (mean 10.8, p95 26, 0.9% above 40); the
+entropy is about 37.3 nats per sentence, 3.47 nats per token (``entropy_estimate``).
 
 Parsing: the rules are compiled into Chomsky normal form (binary rules, unary rules handled by
 their exact closure ``(I - U)^-1``, lexical rules), and ``logprob`` runs a vectorised CKY inside
-pass in float64 with per-position rescaling against underflow. Before that, two exact necessary
-conditions reject most garbage in O(n): every word must be in the vocabulary, and every pair of
-adjacent words must be able to occur next to each other in some sentence.
+pass in float64 with per-position rescaling against underflow (about 1 ms for a typical
+sentence, 15 ms at 40 words). Before that, exact necessary conditions reject most garbage in
+O(n): every word must be in the vocabulary, the first and last words must be able to start and
+end a sentence, and every pair of adjacent words must be able to occur next to each other.
 
 Splits: ``sentences(split, num, seed)`` draws from a generator seeded by ``(seed, split)`` through
 ``numpy.random.SeedSequence`` and a SHA-256 of the split name, so streams are reproducible across
@@ -70,28 +73,36 @@ def _is_nonterminal(symbol: str) -> bool:
 class _ChartTables:
     """Chomsky-normal-form tables for one semiring (probabilities or derivation counts).
 
-    V words, N CNF nonterminals, P distinct (left child, right child) pairs; NL and NR are the
-    nonterminals that occur as left and right children. All float64.
-      lex_left   [V, NL]  closed lexical inside values of left-child nonterminals for each word
-      lex_right  [V, NR]  the same for right-child nonterminals
-      lex_root   [V]      closed lexical inside value of the start symbol (one-word sentences)
-      lex_max    [V]      max over all nonterminals of the closed lexical value (rescaling)
-      pair_left  [P] int  column in the left chart of each pair's left child
-      pair_right [P] int  column in the right chart of each pair's right child
-      to_left    [P, NL]  pair inside -> closed inside of left-child nonterminals
-      to_right   [P, NR]  pair inside -> closed inside of right-child nonterminals
-      to_root    [P]      pair inside -> closed inside of the start symbol
+    V words; N CNF nonterminals, of which C occur as a child of a binary rule (the chart's
+    columns); P distinct (left child, right child) pairs. "Closed" values include all chains of
+    unary rules above. The map from pair inside values to closed parent inside values, a
+    [P, C] matrix with about 1% nonzeros, is stored sparse as Z entries grouped by column into
+    G groups: a dense matmul would go to a multi-threaded BLAS, whose threads slow down by an
+    order of magnitude when the cores are busy with other work. Floats are float64.
+      lex_children [V, C]  closed lexical inside values of the child nonterminals, per word
+      lex_root     [V]     closed lexical inside value of the start symbol (one-word sentences)
+      lex_max      [V]     max over all N nonterminals of the closed lexical value (rescaling)
+      pair_left    [P] int chart column of each pair's left child
+      pair_right   [P] int chart column of each pair's right child
+      up_pair      [Z] int pair of each nonzero of the map, sorted by column
+      up_weight    [Z]     its value
+      up_start     [G] int first entry of each column group
+      up_column    [G] int chart column of each group
+      root_pair    [R] int pairs that contribute to the start symbol
+      root_weight  [R]     their weights
     """
 
-    lex_left: np.ndarray
-    lex_right: np.ndarray
+    lex_children: np.ndarray
     lex_root: np.ndarray
     lex_max: np.ndarray
     pair_left: np.ndarray
     pair_right: np.ndarray
-    to_left: np.ndarray
-    to_right: np.ndarray
-    to_root: np.ndarray
+    up_pair: np.ndarray
+    up_weight: np.ndarray
+    up_start: np.ndarray
+    up_column: np.ndarray
+    root_pair: np.ndarray
+    root_weight: np.ndarray
 
 
 class Grammar:
@@ -109,8 +120,9 @@ class Grammar:
 
         Raises:
             ValueError: if a rule is malformed, a nonterminal's probabilities do not sum to 1, a
-              nonterminal is used but has no rules or is unreachable from ``start``, there is a
-              cycle of unary rules, or the recursion is not subcritical (infinite expected length).
+                nonterminal is used but has no rules or is unreachable from ``start``, there is
+                a cycle of unary rules, or the recursion is not subcritical (infinite expected
+                length).
         """
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.start = start
@@ -136,10 +148,10 @@ class Grammar:
 
         Args:
             rules: ``rhs`` is a sequence of symbols or one string split on whitespace, e.g.
-              ``("NP", "Det N", 0.7)``. Symbols containing an upper-case letter are nonterminals.
+                ``("NP", "Det N", 0.7)``. Symbols containing an upper-case letter are nonterminals.
             start: the start symbol.
             normalize: if true, ``prob`` is a positive weight, normalised per left-hand side;
-              otherwise each left-hand side's probabilities must already sum to 1.
+                otherwise each left-hand side's probabilities must already sum to 1.
         """
         triples = [(lhs, tuple(rhs.split() if isinstance(rhs, str) else rhs), float(p))
                    for lhs, rhs, p in rules]
@@ -367,32 +379,36 @@ class Grammar:
 
         pairs = sorted({(b, c) for _, b, c, _ in binary})
         pair_index = {bc: i for i, bc in enumerate(pairs)}
-        left_nts = sorted({b for b, _ in pairs})
-        right_nts = sorted({c for _, c in pairs})
-        left_col = {b: i for i, b in enumerate(left_nts)}
-        right_col = {c: i for i, c in enumerate(right_nts)}
+        children = sorted({b for b, _ in pairs} | {c for _, c in pairs})
+        column = {b: i for i, b in enumerate(children)}
         pair_to_parent_p = np.zeros((len(pairs), n))
         pair_to_parent_count = np.zeros((len(pairs), n))
         for a, b, c, p in binary:
             pair_to_parent_p[pair_index[b, c], a] += p
             pair_to_parent_count[pair_index[b, c], a] += 1.0
-        pair_left = np.array([left_col[b] for b, _ in pairs], dtype=np.intp)
-        pair_right = np.array([right_col[c] for _, c in pairs], dtype=np.intp)
+        pair_left = np.array([column[b] for b, _ in pairs], dtype=np.intp)
+        pair_right = np.array([column[c] for _, c in pairs], dtype=np.intp)
         root = names[self.start]
 
         def tables(lex_raw: np.ndarray, to_parent: np.ndarray, closure: np.ndarray) -> _ChartTables:
             lex_closed = lex_raw @ closure.T
             to_closed = to_parent @ closure.T
+            to_children = to_closed[:, children]
+            columns, pair_ids = np.nonzero(to_children.T)  # sorted by column
+            starts = np.flatnonzero(np.diff(columns, prepend=-1))
+            (root_pair,) = np.nonzero(to_closed[:, root])
             return _ChartTables(
-                lex_left=np.ascontiguousarray(lex_closed[:, left_nts]),
-                lex_right=np.ascontiguousarray(lex_closed[:, right_nts]),
+                lex_children=np.ascontiguousarray(lex_closed[:, children]),
                 lex_root=lex_closed[:, root].copy(),
                 lex_max=lex_closed.max(axis=1),
                 pair_left=pair_left,
                 pair_right=pair_right,
-                to_left=np.ascontiguousarray(to_closed[:, left_nts]),
-                to_right=np.ascontiguousarray(to_closed[:, right_nts]),
-                to_root=to_closed[:, root].copy(),
+                up_pair=pair_ids,
+                up_weight=to_children[pair_ids, columns],
+                up_start=starts,
+                up_column=columns[starts],
+                root_pair=root_pair,
+                root_weight=to_closed[root_pair, root],
             )
 
         self._prob_tables = tables(lex, pair_to_parent_p, closure_p)
@@ -453,33 +469,35 @@ class Grammar:
         positions' factors, so the result is exact while the chart stays near 1 in magnitude.
         """
         n = len(ids)
-        lex_left, lex_right, lex_root = t.lex_left[ids], t.lex_right[ids], t.lex_root[ids]
+        lex, lex_root = t.lex_children[ids], t.lex_root[ids]
         log_scale = 0.0
         if rescale:
             scale = t.lex_max[ids]
-            lex_left = lex_left / scale[:, None]
-            lex_right = lex_right / scale[:, None]
+            lex = lex / scale[:, None]
             lex_root = lex_root / scale
             log_scale = float(np.log(scale).sum())
         if n == 1:
             return float(lex_root[0]), log_scale
-        # chart_left[i, j] holds the inside values of span [i, j) for left-child nonterminals.
+        # chart[i, j] [C] holds the inside values of span [i, j) for the child nonterminals.
         positions = np.arange(n + 1)
-        chart_left = np.zeros((n, n + 1, lex_left.shape[1]))
-        chart_right = np.zeros((n, n + 1, lex_right.shape[1]))
-        chart_left[positions[:-1], positions[1:]] = lex_left
-        chart_right[positions[:-1], positions[1:]] = lex_right
-        for width in range(2, n + 1):
+        chart = np.zeros((n, n + 1, lex.shape[1]))
+        chart[positions[:-1], positions[1:]] = lex
+
+        def pair_inside(width: int) -> np.ndarray:
+            """[S, P]: sum over split points of left * right, for the S spans of ``width``."""
             begin = positions[: n - width + 1, None]  # [S, 1]
             mid = begin + positions[None, 1:width]  # [S, K]: split points
-            left = chart_left[begin, mid][:, :, t.pair_left]  # [S, K, P]
-            right = chart_right[mid, begin + width][:, :, t.pair_right]  # [S, K, P]
-            pair_inside = np.einsum("skp,skp->sp", left, right)  # [S, P]
-            if width == n:
-                return float(pair_inside[0] @ t.to_root), log_scale
-            chart_left[begin[:, 0], begin[:, 0] + width] = pair_inside @ t.to_left
-            chart_right[begin[:, 0], begin[:, 0] + width] = pair_inside @ t.to_right
-        raise AssertionError("unreachable")
+            left = chart[begin, mid][:, :, t.pair_left]  # [S, K, P]
+            right = chart[mid, begin + width][:, :, t.pair_right]  # [S, K, P]
+            return np.einsum("skp,skp->sp", left, right)
+
+        for width in range(2, n):
+            begin = positions[: n - width + 1, None]
+            parents = np.add.reduceat(pair_inside(width)[:, t.up_pair] * t.up_weight, t.up_start,
+                                      axis=1)  # [S, G]
+            chart[begin, begin + width, t.up_column[None, :]] = parents
+        whole = pair_inside(n)[0]
+        return float((whole[t.root_pair] * t.root_weight).sum()), log_scale
 
     def logprob(self, words: Sequence[str] | str) -> float:
         """Exact natural log-probability of a sentence: the log of the sum over its derivations.
@@ -518,8 +536,11 @@ class Grammar:
         return {w: frozenset(c) for w, c in categories.items()}
 
     def lexical_categories(self, word: str) -> frozenset[str]:
-        """The nonterminals with a rule ``A -> word`` (empty for unknown words and for words
-        that only occur inside longer rules, such as "." in the default grammar)."""
+        """The nonterminals A with a rule ``A -> word``.
+
+        Empty for unknown words and for words that occur only inside longer rules, such as "."
+        in the default grammar.
+        """
         return self._categories.get(word, frozenset())
 
 
@@ -557,12 +578,15 @@ _ADJECTIVES = """
   busy quiet loud pretty strange funny clever brave kind lazy noisy gentle soft heavy warm
   cold new famous friendly dirty
 """
-_ADVERBS = "quickly slowly happily quietly loudly carefully gently badly well again today now " \
-           "together outside there"
+_ADVERBS = """
+  quickly slowly happily quietly loudly carefully gently badly well again today now together
+  outside there
+"""
 _FREQUENCY_ADVERBS = "often always never sometimes usually rarely"
 _DEGREE_ADVERBS = "very really quite rather pretty"
-_PREPOSITIONS = "in on with at to from near under behind into over across around through " \
-                "beside above without"
+_PREPOSITIONS = """
+  in on with at to from near under behind into over across around through beside above without
+"""
 _MODALS = "can will must should could might would may"
 _SUBORDINATORS = "when because if after before while although until"
 
@@ -813,18 +837,18 @@ def _default_rules() -> list[tuple[str, str, float]]:
     add_words("Modal", _words(_MODALS))
     add_words("Sub", _words(_SUBORDINATORS))
 
+    def add_verbs(lhs: str, entries: list[list[str]], form_index: int) -> None:
+        kept = [(entry[form_index], weight) for entry, weight in zip(entries, _zipf(len(entries)))
+                if entry[form_index] != "-"]
+        add_words(lhs, [word for word, _ in kept], [weight for _, weight in kept])
+
     verbs = {cls: _entries(text) for cls, text in _VERBS.items()}
     for form_index, form in enumerate(_VERB_FORMS):
         for cls in ("IV", "IVI", "SV", "DV"):
-            forms = [entry[form_index] for entry in verbs[cls]]
-            weights = _zipf(len(forms))
-            add_words(f"{cls}_{form}", *zip(*[(w, p) for w, p in zip(forms, weights) if w != "-"]))
-        for obj, own in (("An", "TVA"), ("In", "TVI")):
-            # Verbs that take any object come first, so they are the most frequent.
-            forms = [entry[form_index] for entry in verbs["TVX"] + verbs[own]]
-            weights = _zipf(len(forms))
-            add_words(f"TV_{form}_{obj}",
-                      *zip(*[(w, p) for w, p in zip(forms, weights) if w != "-"]))
+            add_verbs(f"{cls}_{form}", verbs[cls], form_index)
+        # Verbs that take any object come first, so they are the most frequent.
+        add_verbs(f"TV_{form}_An", verbs["TVX"] + verbs["TVA"], form_index)
+        add_verbs(f"TV_{form}_In", verbs["TVX"] + verbs["TVI"], form_index)
     return rules
 
 
@@ -836,8 +860,11 @@ def default_grammar() -> Grammar:
 
 @functools.lru_cache(maxsize=None)
 def small_grammar() -> Grammar:
-    """A small grammar with a finite language, for tests: agreement and an ambiguous
-    prepositional-phrase attachment ("the dog saw the cat with the ball" has two parses)."""
+    """A small grammar with a finite language (1506 derivations), for tests.
+
+    It has number agreement and an ambiguous prepositional-phrase attachment: "the dog saw the
+    cat with the dog ." has two derivations.
+    """
     return Grammar.from_rules([
         ("ROOT", "S .", 1.0),
         ("S", "NP_Sg VP_Sg", 0.6),

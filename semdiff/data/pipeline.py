@@ -95,7 +95,14 @@ def _encoded(config, tokenizer: Tokenizer, split: str, process_index: int,
     ds = ds.shuffle(seed=int(config.seed)).repeat()
   ds = ds[process_index::process_count]
   ds = ds.map(Encode(tokenizer, int(config.data.max_len)))
-  return ds.to_iter_dataset().filter(lambda x: x is not None)
+  # grain's default of 16 reader threads starves the training step on small hosts.
+  options = grain.ReadOptions(num_threads=int(config.data.read_threads),
+                              prefetch_buffer_size=int(config.data.prefetch))
+  return ds.to_iter_dataset(options).filter(_not_none)
+
+
+def _not_none(example) -> bool:
+  return example is not None
 
 
 def train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
