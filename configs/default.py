@@ -55,6 +55,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.noise = ml_collections.ConfigDict()
   c.noise.frontier_prob = 0.0       # share of partial-level (frontier) training states
   c.noise.embed_loss_weight = 0.0   # lambda of the embedding-distance loss
+  c.noise.states_per_example = 2    # levels drawn per example per step
+  c.noise.pack_rows = 26            # rows the canvases are packed into (0 = no packing)
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -109,6 +111,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
     c.model.num_heads = 2
     c.model.mlp_dim = 128
     c.train.batch_size = 16
+    c.noise.pack_rows = 8
     c.train.num_steps = 20
     c.train.log_every = 5
     c.train.eval_every = 10
@@ -128,6 +131,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
     c.model.mlp_dim = 2048
     c.model.dtype = "bfloat16"
     c.train.batch_size = 256
+    c.noise.pack_rows = 200
     c.train.num_steps = 100_000
     c.train.eval_every = 5000
     c.train.checkpoint_every = 2000

@@ -15,7 +15,7 @@ Shapes: ``B`` batch, ``L`` max tokens, ``T = L + 2`` canvas positions,
 """
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,15 @@ class NoiseConfig:
     frontier_prob: chance that an example is a frontier state (level h plus a
       random fraction of the depth-h tokens) instead of an exact level.
     embed_loss_weight: lambda of the embedding-distance loss.
+    states_per_example: training states (levels) drawn per example per step.
+    pack_rows: pack the canvases into this many rows of width L + 2 (several
+      canvases per row, attention kept inside each); 0 = one canvas per row.
   """
 
   frontier_prob: float = 0.0
   embed_loss_weight: float = 0.0
+  states_per_example: int = 1
+  pack_rows: int = 0
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -64,6 +69,67 @@ def canvas_inputs(canvas: jax.Array, length: jax.Array):
   segment_ids = (pos <= n + 1).astype(jnp.int32)
   positions = jnp.broadcast_to(pos, tokens.shape)
   return tokens.astype(jnp.int32), segment_ids, positions
+
+
+class Packed(NamedTuple):
+  """Canvases packed several to a row.
+
+  Attributes:
+    tokens, segment_ids, positions: int32 [R, W] model inputs; segment ids are
+      1 + the canvas index, 0 on padding.
+    gap_targets: int32 [R, W-1], target of the gap between packed positions
+      g and g+1, or -1 (padding, or a boundary between two canvases).
+    gap_source: int32 [R, W-1], index of the canvas the gap belongs to, or -1.
+    dropped: int32 [], canvases that did not fit (their gaps are left out).
+  """
+
+  tokens: jax.Array
+  segment_ids: jax.Array
+  positions: jax.Array
+  gap_targets: jax.Array
+  gap_source: jax.Array
+  dropped: jax.Array
+
+
+def pack(tokens, segment_ids, positions, gap_targets, *, rows: int) -> Packed:
+  """Packs N unpacked canvases ([N, T] inputs, [N, T-1] gap targets) into [rows, T].
+
+  Next-fit in the given order (a scan over canvases, not tokens): a canvas
+  goes to the current row if it fits, else to the next row; canvases past the
+  last row are dropped and counted.
+  """
+  num, width = tokens.shape
+  lengths = jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32)
+
+  def place(carry, length):
+    row, used = carry
+    new_row = used + length > width
+    row = jnp.where(new_row, row + 1, row)
+    used = jnp.where(new_row, 0, used)
+    return (row, used + length), (row, used)
+
+  _, (row, offset) = jax.lax.scan(place, (jnp.int32(0), jnp.int32(0)), lengths)
+  fits = row < rows
+  pos = jnp.arange(width, dtype=jnp.int32)[None, :]
+  real = (pos < lengths[:, None]) & fits[:, None]
+  source = jnp.arange(num, dtype=jnp.int32)[:, None]
+
+  def scatter(values, fill, valid):
+    cols = valid.shape[1]
+    dest_row = jnp.where(valid, row[:, None], rows)  # out of range: dropped
+    dest_col = offset[:, None] + pos[:, :cols]
+    out = jnp.full((rows, cols), fill, jnp.int32)
+    return out.at[dest_row, dest_col].set(
+        jnp.broadcast_to(values, valid.shape).astype(jnp.int32), mode="drop")
+
+  gap_valid = (gap_targets >= 0) & fits[:, None]
+  return Packed(
+      tokens=scatter(tokens, PAD_ID, real),
+      segment_ids=scatter(source + 1, 0, real),
+      positions=scatter(positions, 0, real),
+      gap_targets=scatter(gap_targets, -1, gap_valid),
+      gap_source=scatter(source, -1, gap_valid),
+      dropped=jnp.sum(~fits & (lengths > 0)).astype(jnp.int32))
 
 
 def gap_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -130,11 +196,22 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     that data-parallel shards add up, with matching ``*_count`` entries).
   """
   none_id = model.none_id
+  k = noise_cfg.states_per_example
+  if k > 1:  # several states of the same examples, drawn independently
+    tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
   noised, height, exact, path_entropy = draw_states(
       tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id)
   inputs = canvas_inputs(noised.canvas, noised.length)
-  logits = model(*inputs)  # [B, L+1, V+1]
   targets = noised.gap_targets
+  num = tokens.shape[0]
+  if noise_cfg.pack_rows:
+    packed = pack(*inputs, targets, rows=noise_cfg.pack_rows)
+    inputs = (packed.tokens, packed.segment_ids, packed.positions)
+    targets, source, dropped = packed.gap_targets, packed.gap_source, packed.dropped
+  else:
+    source = jnp.where(targets >= 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
+    dropped = jnp.int32(0)
+  logits = model(*inputs)  # [rows, T-1, V+1]
   valid = targets >= 0
   nll = gap_nll(logits, targets)
   num_gaps = jnp.sum(valid)
@@ -145,20 +222,28 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
         num_gaps, 1)
     loss = loss + noise_cfg.embed_loss_weight * embed
   correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  # Per-state sums (dropped states have none), for the NLL-bound estimate.
+  state_nll = jax.ops.segment_sum(nll.ravel(), jnp.where(valid, source, num).ravel(),
+                                  num_segments=num + 1)[:num]
+  kept = jax.ops.segment_sum(valid.ravel().astype(jnp.int32),
+                             jnp.where(valid, source, num).ravel(), num_segments=num + 1)[:num] > 0
+  counted = exact & kept & jnp.any(mask, axis=1)
   n_tokens = jnp.sum(mask, axis=1)
   # Unbiased estimate of -log p(path) from one sampled level (exact levels only).
-  path_nll = (height + 1) * jnp.sum(nll, axis=1) - path_entropy
+  path_nll = (height + 1) * state_nll - path_entropy
   metrics = {
       "loss": loss,
       "gap_nll_sum": jnp.sum(nll),
       "gap_count": num_gaps.astype(jnp.float32),
       "gap_correct": jnp.sum(correct).astype(jnp.float32),
       "embed_distance": embed,
-      "nll_bound_sum": jnp.sum(jnp.where(exact, path_nll, 0.0)),
-      "nll_bound_tokens": jnp.sum(jnp.where(exact, n_tokens + 1, 0)).astype(jnp.float32),
-      "nll_bound_sentences": jnp.sum(exact).astype(jnp.float32),
-      "tokens": jnp.sum(mask).astype(jnp.float32),
+      "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
+      "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
+      "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
+      "tokens": jnp.sum(mask).astype(jnp.float32) / k,
       "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
+      "computed_positions": jnp.float32(inputs[1].size),
+      "dropped_states": dropped.astype(jnp.float32),
       "mean_height": jnp.mean(height.astype(jnp.float32)),
   }
   return loss, metrics
@@ -199,6 +284,8 @@ def ar_loss(model, tokens, mask, rng=None, stats=None, scorer_cfg=None, noise_cf
       "nll_bound_sentences": jnp.float32(tokens.shape[0]),
       "tokens": jnp.sum(mask).astype(jnp.float32),
       "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
+      "computed_positions": jnp.float32(inputs[1].size),
+      "dropped_states": jnp.float32(0.0),
       "mean_height": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32) + 1),
   }
 

@@ -187,6 +187,8 @@ def summarize(window: list[dict]) -> dict:
     out["embed_distance"] = total["embed_distance"] / n
   out["tokens"] = total["tokens"]
   out["canvas_positions"] = total["canvas_positions"]
+  out["padding_share"] = 1.0 - total["canvas_positions"] / max(total["computed_positions"], 1)
+  out["dropped_states"] = total["dropped_states"] / n
   return out
 
 
