@@ -94,6 +94,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.top_p = 1.0
   c.sampler.tau = 0.0               # probability threshold (0 = off)
   c.sampler.gaps = "all"            # "all" or "last" (left-to-right decoding)
+  c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
+  c.sampler.insert_fraction = 1.0   # confident-first: share of wanting gaps that insert
   c.sampler.max_steps = 48
   c.sampler.max_len = 48            # canvas capacity in tokens
 

@@ -34,6 +34,12 @@ class SamplerConfig:
       probability (at temperature 1) is >= tau; 0 = off.
     gaps: which gaps may insert each step: "all", or "last" (only the gap
       after the last token: left-to-right decoding with the same model).
+    insert_per_step: confident-first insertion: at most this many gaps
+      insert per step, the most confident first (0 = no limit; 1 = one
+      token per step).
+    insert_fraction: confident-first insertion: at most this fraction
+      (rounded up, at least one) of the gaps that want a token insert per step
+      (1 = all of them).
     max_steps: cap on insertion steps.
     max_len: canvas capacity C (tokens).
   """
@@ -43,6 +49,8 @@ class SamplerConfig:
   top_p: float = 1.0
   tau: float = 0.0
   gaps: str = "all"
+  insert_per_step: int = 0
+  insert_fraction: float = 1.0
   max_steps: int = 64
   max_len: int = 64
 
@@ -54,6 +62,8 @@ class SamplerConfig:
     cfg = cls(**values)
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
+    if not 0.0 < cfg.insert_fraction <= 1.0:
+      raise ValueError(f"sampler.insert_fraction must be in (0, 1], got {cfg.insert_fraction}.")
     return cfg
 
 
@@ -141,13 +151,23 @@ def _step(model, canvas, length, rng, cfg: SamplerConfig):
   return choice, do_insert, chosen_logp
 
 
-def _fit_capacity(do_insert, chosen_logp, length, cap):
-  """Drop the least confident insertions that would overflow the canvas."""
-  room = cap - length  # [B]
-  score = jnp.where(do_insert, chosen_logp, -jnp.inf)
+def keep_most_confident(do_insert, confidence, limit):
+  """Keeps at most ``limit`` [B] insertions per row, the most confident ones.
+
+  Returns (kept bool [B, G], whether anything was cut bool [B]).
+  """
+  score = jnp.where(do_insert, confidence, -jnp.inf)
   rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)  # 0 = most confident
-  fits = rank < room[:, None]
-  return do_insert & fits, jnp.sum(do_insert & ~fits, axis=1) > 0
+  kept = do_insert & (rank < limit[:, None])
+  return kept, jnp.any(do_insert & ~kept, axis=1)
+
+
+def insertion_limit(wanted, cfg: SamplerConfig):
+  """How many of the ``wanted`` [B] insertions a step makes (confident-first)."""
+  limit = jnp.ceil(wanted * cfg.insert_fraction).astype(jnp.int32)
+  if cfg.insert_per_step:
+    limit = jnp.minimum(limit, cfg.insert_per_step)
+  return jnp.maximum(limit, 1)
 
 
 def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
@@ -184,7 +204,10 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     choice, do_insert, chosen_logp = _step(model, s["canvas"], s["length"], key, cfg)
     active = ~s["done"]
     do_insert &= active[:, None]
-    do_insert, overflow = _fit_capacity(do_insert, chosen_logp, s["length"], cap)
+    wanted = jnp.sum(do_insert, axis=1)
+    do_insert, _ = keep_most_confident(do_insert, chosen_logp, insertion_limit(wanted, cfg))
+    # Never overflow the canvas: drop the least confident insertions that don't fit.
+    do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
     canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
     inserted_any = jnp.any(do_insert, axis=1)
     done = s["done"] | ~inserted_any | overflow | (length >= cap)

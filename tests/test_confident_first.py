@@ -1,0 +1,54 @@
+"""Confident-first insertion: the schedule knob of the sampler."""
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from semdiff import model as model_lib
+from semdiff import sampling
+
+V = 30
+
+
+def _sampler(cfg, batch=6):
+  # An untrained model wants to insert almost everywhere: a good stress case.
+  model = model_lib.build("insertion", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=1, num_heads=2, mlp_dim=64), seed=1)
+  graphdef, params = nnx.split(model, nnx.Param)
+  return sampling.make_sampler(graphdef, cfg, batch)(params, jax.random.key(0))
+
+
+def test_all_gaps_schedule_is_the_plain_parallel_sampler():
+  base = sampling.SamplerConfig(temperature=1.0, max_len=24, max_steps=6)
+  a = _sampler(base)
+  b = _sampler(dataclasses.replace(base, insert_fraction=1.0, insert_per_step=0))
+  c = _sampler(dataclasses.replace(base, insert_per_step=1000))
+  for other in (b, c):
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(other.tokens))
+    np.testing.assert_array_equal(np.asarray(a.calls), np.asarray(other.calls))
+
+
+def test_one_gap_per_step_inserts_one_token_per_step():
+  cfg = sampling.SamplerConfig(temperature=1.0, max_len=10, max_steps=40, insert_per_step=1)
+  out = _sampler(cfg)
+  lengths = np.asarray(out.draft_length)  # [S, B]
+  steps = np.diff(lengths, axis=0)
+  assert set(np.unique(steps)) <= {0, 1}
+  for b in range(lengths.shape[1]):
+    grown = steps[:, b]
+    # Exactly one token per step until it stops, then nothing.
+    stop = int(np.argmin(grown)) if (grown == 0).any() else len(grown)
+    assert np.all(grown[:stop] == 1) and np.all(grown[stop:] == 0)
+    assert lengths[-1, b] == out.length[b]
+
+
+def test_fraction_schedule_bounds_insertions():
+  cfg = sampling.SamplerConfig(temperature=1.0, max_len=40, max_steps=10, insert_fraction=0.25)
+  out = _sampler(cfg)
+  lengths = np.asarray(out.draft_length)
+  for s in range(lengths.shape[0] - 1):
+    n = lengths[s]
+    # At most a quarter (rounded up) of the n + 1 gaps insert.
+    assert np.all(lengths[s + 1] - n <= np.ceil(0.25 * (n + 1)))
