@@ -383,3 +383,42 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
   ]
   print("\n".join(lines), flush=True)
   return out
+
+
+def load_trained(workdir: str, step: Optional[int] = None,
+                 overrides: Optional[dict] = None) -> tuple[Experiment, Any]:
+  """(experiment, params) of a trained run, from its workdir alone.
+
+  Args:
+    workdir: a directory written by `train_and_evaluate`.
+    step: which checkpoint (default: the newest readable one).
+    overrides: {"sampler.temperature": 0.7, ...} applied to the saved config.
+  """
+  workdir = os.path.abspath(workdir)
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} has no config.json: is it a semdiff workdir? Train "
+                            "with python -m semdiff.main --config=... --workdir=DIR first.")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  exp = build_experiment(config, workdir)
+  mgr = checkpointing.manager(workdir, keep=int(config.train.keep_checkpoints))
+  try:
+    if step is None:
+      restored = checkpointing.restore_latest(mgr, exp.abstract_state)
+      if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet.")
+      _, state, _ = restored
+    else:
+      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+      state = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(exp.abstract_state)))["state"]
+  finally:
+    mgr.close()
+  return exp, state["params"]
