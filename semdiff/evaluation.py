@@ -36,10 +36,7 @@ class NllEvaluator:
     def trees(tokens, mask):
       s = scorers.significance(tokens, mask, jax.random.key(12345), self.stats, self.scorer_cfg)
       depth = noising.insertion_depth(s, mask)
-      random = self.scorer_cfg.name == "random" or (
-          self.scorer_cfg.name == "mix" and self.scorer_cfg.mix_base == "random")
-      entropy = scorers.subtree_log_size_sum(depth, mask) if random else jnp.zeros(
-          tokens.shape[0])
+      entropy = scorers.path_entropy(tokens, mask, depth, self.stats, self.scorer_cfg)
       return depth, noising.tree_height(depth, mask), entropy
 
     def level(params, tokens, mask, depth, lvl):

@@ -175,11 +175,7 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
   fraction = jnp.where(exact, 0.0, jax.random.uniform(k_frac, height.shape))
   keep = noising.frontier_keep(depth, level, fraction, jax.random.fold_in(k_frac, 1))
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
-  if scorer_cfg.name == "random" or (scorer_cfg.name == "mix" and scorer_cfg.mix_base == "random"):
-    path_entropy = scorers.subtree_log_size_sum(depth, mask)
-  else:
-    path_entropy = jnp.zeros(height.shape, jnp.float32)
-  return noised, height, exact, path_entropy
+  return noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
 
 
 def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):

@@ -287,13 +287,19 @@ def significance(
   return to_ranks(score, -units.offset, jitter, mask)
 
 
-def subtree_log_size_sum(depth: jax.Array, mask: jax.Array) -> jax.Array:
+def subtree_log_size_sum(depth: jax.Array, mask: jax.Array,
+                         unit_start: Optional[jax.Array] = None) -> jax.Array:
   """Sum over tree nodes v of log |subtree(v)|: float32 [B].
 
   The entropy term log 1/q(tree) of a random Cartesian tree under i.i.d.
   uniform scores (DESIGN section 2): add it to the path log-likelihood of the
   ``random`` scorer to get a valid bound. A node's subtree is the maximal range
   around it of nodes deeper than it.
+
+  Args:
+    depth: int [B, L]; mask: bool [B, L].
+    unit_start: bool [B, L], for word-level scoring: only the first piece of
+      each word is a random node, and subtree sizes count words.
   """
   length = depth.shape[1]
   big = jnp.int32(length + 1)
@@ -306,5 +312,27 @@ def subtree_log_size_sum(depth: jax.Array, mask: jax.Array) -> jax.Array:
   right_wall = jnp.min(jnp.where(shallower & (idx[None, None, :] > idx[None, :, None]),
                                  idx[None, None, :], big), axis=2)
   right_wall = jnp.minimum(right_wall, length)
-  size = (right_wall - left_wall - 1).astype(jnp.float32)
-  return jnp.sum(jnp.where(mask, jnp.log(jnp.maximum(size, 1.0)), 0.0), axis=1)
+  if unit_start is None:
+    unit_start = mask
+  unit_start = unit_start & mask
+  counts = jnp.concatenate([jnp.zeros((depth.shape[0], 1), jnp.int32),
+                            jnp.cumsum(unit_start, axis=1, dtype=jnp.int32)], axis=1)
+  size = (jnp.take_along_axis(counts, right_wall, axis=1)
+          - jnp.take_along_axis(counts, left_wall + 1, axis=1)).astype(jnp.float32)
+  return jnp.sum(jnp.where(unit_start, jnp.log(jnp.maximum(size, 1.0)), 0.0), axis=1)
+
+
+def path_entropy(tokens: jax.Array, mask: jax.Array, depth: jax.Array, stats: ScoringStats,
+                 config: ScorerConfig) -> jax.Array:
+  """H(q(path | x)) to add to log p(path) for a valid bound: float32 [B].
+
+  Non-zero only for the ``random`` scorer (fresh i.i.d. scores). ``mix`` with a
+  random base gets no term: the bound stays valid, only looser.
+  """
+  if config.name != "random":
+    return jnp.zeros(tokens.shape[:1], jnp.float32)
+  unit_start = None
+  if config.word_level:
+    units = make_units(tokens, mask, stats.word_start)
+    unit_start = units.offset == 0
+  return subtree_log_size_sum(depth, mask, unit_start)

@@ -293,6 +293,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def save(step):
     checkpointing.save(mgr, step, state, train_iter.get_state())
 
+  def evaluate(step) -> dict:
+    ev = evaluator(state["params"], eval_batches)
+    writer.write(step, ev, prefix="eval/")
+    if is_main:
+      print(f"eval @ {step}: NLL bound {ev['nll_per_sentence']:.2f} nats/sentence, "
+            f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})",
+            flush=True)
+    return {f"eval/{k}": v for k, v in ev.items()}
+
   final = {}
   try:
     step = start
@@ -304,13 +313,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if pending is not None:
         on_metrics(*pending)
       pending = (step, step_metrics)
+      if step == start + 1:
+        # Leave the compiling first step out of the throughput figures.
+        jax.block_until_ready(step_metrics)
+        on_metrics(*jax.device_get(pending))
+        pending, window, t_window = None, [], time.time()
       progress.tick(step)
       boundary = (step % int(config.train.log_every) == 0 or step == num_steps
                   or step % int(config.train.checkpoint_every) == 0 or preempted.requested)
       if boundary:
         on_metrics(*jax.device_get(pending))
         pending = None
-      if step % int(config.train.log_every) == 0 or step == num_steps:
+      if (step % int(config.train.log_every) == 0 or step == num_steps) and window:
         summary = summarize(window)
         dt = time.time() - t_window
         summary["tokens_per_s"] = summary.pop("tokens") / dt
@@ -335,16 +349,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               flush=True)
         return {"step": step, "preempted": True}
       if step % int(config.train.eval_every) == 0 or step == num_steps:
-        ev = evaluator(state["params"], eval_batches)
-        writer.write(step, ev, prefix="eval/")
-        final.update({f"eval/{k}": v for k, v in ev.items()})
-        if is_main:
-          print(f"eval @ {step}: NLL bound {ev['nll_per_sentence']:.2f} nats/sentence, "
-                f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})",
-                flush=True)
+        final.update(evaluate(step))
+        t_window = time.time()  # evaluation time is not training throughput
       if step % int(config.train.sample_every) == 0 and step != num_steps:
         rep = sample_report(exp, state["params"], step, writer, num=32, to_print=0)
         writer.write(step, rep, prefix="samples/")
+        t_window = time.time()
+    if start >= num_steps:
+      print(f"{workdir} is already trained to step {start}; evaluating it.", flush=True)
+      final.update(evaluate(start))
     rep = sample_report(exp, state["params"], num_steps, writer,
                         num=int(config.train.num_samples),
                         to_print=int(config.train.samples_to_print))

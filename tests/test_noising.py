@@ -165,3 +165,14 @@ def test_random_tree_entropy_term():
   mask = jnp.ones((1, n), bool)
   got = float(scorers.subtree_log_size_sum(depth, mask)[0])
   assert got == pytest.approx(sum(math.log(k) for k in range(1, n + 1)), rel=1e-6)
+
+
+def test_random_tree_entropy_term_at_word_level():
+  # Two words of two pieces each: only the two word roots are random nodes; the
+  # root word's subtree holds 2 words, the other 1: log 2 + log 1.
+  scores = jnp.asarray([[3.0, 2.0, 1.0, 0.0]])  # word A = (0, 1), word B = (2, 3)
+  mask = jnp.ones((1, 4), bool)
+  depth = noising.insertion_depth(scores, mask)
+  unit_start = jnp.asarray([[True, False, True, False]])
+  got = float(scorers.subtree_log_size_sum(depth, mask, unit_start)[0])
+  assert got == pytest.approx(math.log(2), rel=1e-6)

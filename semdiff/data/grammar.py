@@ -44,6 +44,7 @@ import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -910,28 +911,34 @@ def small_grammar() -> Grammar:
 # Corpus splits.
 
 
-def _split_rng(split: str, seed: int) -> np.random.Generator:
+def _split_key(split: str, seed: int) -> list[int]:
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"Seed {seed!r} must be a non-negative integer.")
     split_key = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), split_key]))
+    return [int(seed), split_key]
+
+
+def sentence_at(split: str, index: int, seed: int = 0, grammar: Grammar | None = None) -> str:
+    """Sentence ``index`` of a split, drawn from its own seed (random access).
+
+    The input pipeline reads the corpus through this, so every module agrees on what
+    "validation sentence 17" is, and any process can read any index.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([*_split_key(split, seed), int(index)]))
+    return " ".join((grammar or default_grammar()).sample(rng))
 
 
 def iter_sentences(split: str, seed: int = 0, grammar: Grammar | None = None) -> Iterator[str]:
     """Infinite deterministic stream of sentences (words joined by single spaces).
 
-    ``sentences(split, n, seed)`` is its first n items. Raises ValueError for an unknown split.
+    Item i is ``sentence_at(split, i, seed)``; ``sentences(split, n, seed)`` is the first n
+    items. Raises ValueError for an unknown split.
     """
-    rng = _split_rng(split, seed)  # raised here, at the call, not at the first next()
+    _split_key(split, seed)  # raised here, at the call, not at the first next()
     grammar = grammar or default_grammar()
-
-    def stream() -> Iterator[str]:
-        while True:
-            yield " ".join(grammar.sample(rng))
-
-    return stream()
+    return (sentence_at(split, i, seed, grammar) for i in itertools.count())
 
 
 def sentences(split: str, num: int, seed: int = 0, grammar: Grammar | None = None) -> list[str]:

@@ -33,9 +33,7 @@ class GrammarSentence:
   split: str
 
   def __call__(self, index: int) -> str:
-    split_code = SPLITS.index(self.split)
-    rng = np.random.default_rng([self.seed, split_code, int(index)])
-    return " ".join(grammar_lib.default_grammar().sample(rng))
+    return grammar_lib.sentence_at(self.split, index, self.seed)
 
 
 def _grammar_source(config, split: str) -> grain.MapDataset:
