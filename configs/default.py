@@ -33,17 +33,29 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.model_kind = "insertion"
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "grammar"           # see semdiff.data.pipeline.DATASETS
+  # "grammar" (embedded corpus), "text_files" (data.files), a TFDS dataset ("lm1b",
+  # "tiny_shakespeare", "wikitext103", "c4") or "tfds:<catalog name>"; see docs/data.md.
+  c.data.name = "grammar"
   c.data.seed = 0                   # which sentences the grammar corpus holds
-  c.data.max_len = 48               # tokens per example; longer examples are dropped
+  c.data.max_len = 48               # tokens per example; see split_long for longer texts
+  # Cut texts longer than max_len at sentence boundaries into examples of <= max_len tokens;
+  # False drops them. The grammar corpus always drops (its sentences keep exact log-probs).
+  c.data.split_long = True
   c.data.vocab_size = 1024          # SentencePiece vocabulary (pad/bos/eos/unk included)
   c.data.tokenizer_type = "bpe"     # "bpe" (fast to train) or "unigram"
   c.data.tokenizer_path = ""        # a trained .model to load; "" trains one in the workdir
-  c.data.tokenizer_sentences = 20000  # training sentences sampled to train the tokenizer
-  c.data.files = ""                 # text_files: a glob of .txt / .jsonl files
-  c.data.eval_examples = 512        # held-out examples for the NLL bound
+  c.data.tokenizer_sentences = 20000  # training texts sampled (shuffled) to train the tokenizer
+  c.data.files = ""                 # text_files: glob(s), comma-separated, of .txt/.jsonl files
+  c.data.unit = "line"              # text_files .txt and tiny_shakespeare: "line" or "paragraph"
+  c.data.jsonl_field = "text"       # text_files .jsonl: the string field holding the text
+  c.data.eval_files = ""            # text_files: held-out files ("" = hold out eval_fraction)
+  c.data.eval_fraction = 0.1        # text_files: share of the texts (the last ones) held out
+  c.data.text_key = ""              # TFDS: the feature holding the text ("" = "text")
+  c.data.tfds_data_dir = ""         # TFDS data_dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.tfds_download = True       # TFDS: prepare a missing dataset (network); False: fail
+  c.data.eval_examples = 512        # held-out texts for the NLL bound (at most)
   c.data.read_threads = 1           # grain reader threads (per process)
-  c.data.prefetch = 256             # examples read ahead
+  c.data.prefetch = 256             # texts read (and tokenized) ahead
 
   c.scorer = ml_collections.ConfigDict()
   c.scorer.name = "unigram"         # see semdiff.scorers.names()

@@ -61,7 +61,8 @@ def check_run_config(workdir: str, config_json: dict) -> None:
   with open(path) as f:
     old = json.load(f)
   for group, key in (("model", "vocab_size"), ("model", "d_model"), ("model", "num_layers"),
-                     ("model", "num_heads"), ("model", "mlp_dim"), (None, "model_kind")):
+                     ("model", "num_heads"), ("model", "mlp_dim"), ("model", "tie_embeddings"),
+                     (None, "model_kind")):
     a = old.get(group, {}).get(key) if group else old.get(key)
     b = config_json.get(group, {}).get(key) if group else config_json.get(key)
     if a is not None and a != b:

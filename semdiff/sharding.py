@@ -91,6 +91,8 @@ def state_shardings(abstract_state: Any, params_sharding: Any, mesh: Mesh) -> An
 
   def for_leaf(path, _):
     keys = tuple(map(str, path))
+    if keys and keys[-1] == ".value":  # an nnx.Variable flattens to its value
+      keys = keys[:-1]
     for i in range(1, len(keys)):
       match = flat_params.get(keys[i:])
       if match is not None:

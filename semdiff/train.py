@@ -266,6 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from step %d in %s.", start, workdir)
     print(f"Resuming from the checkpoint at step {start}.", flush=True)
 
+  if is_main:
+    print(pipeline.describe(config, exp.tokenizer).line(), flush=True)
   num_params = model_lib.count_params(state["params"])
   num_steps = int(config.train.num_steps)
   if is_main:
@@ -321,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.tick(step)
       boundary = (step % int(config.train.log_every) == 0 or step == num_steps
                   or step % int(config.train.checkpoint_every) == 0 or preempted.requested)
-      if boundary:
+      if boundary and pending is not None:
         on_metrics(*jax.device_get(pending))
         pending = None
       if (step % int(config.train.log_every) == 0 or step == num_steps) and window:
