@@ -17,6 +17,9 @@ import ml_collections
 from ml_collections import config_dict
 
 VARIANTS = ("tiny", "small", "base")
+# The scorer x frontier-share grid of `sweep()` (launch/sweep.py runs one job per point).
+SWEEP_SCORERS = ("unigram", "balanced", "mix")
+SWEEP_FRONTIER_PROBS = (0.0, 0.5)
 
 
 def get_config(variant: str = "small") -> ml_collections.ConfigDict:
@@ -65,7 +68,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.scorer.tiebreak_seed = 0
 
   c.noise = ml_collections.ConfigDict()
-  c.noise.frontier_prob = 0.0       # share of partial-level (frontier) training states
+  c.noise.frontier_prob = 0.5       # share of partial-level (frontier) training states
   c.noise.embed_loss_weight = 0.0   # lambda of the embedding-distance loss
   c.noise.states_per_example = 2    # levels drawn per example per step
   c.noise.pack_rows = 26            # rows the canvases are packed into (0 = no packing)
@@ -91,7 +94,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64           # global batch
-  c.train.num_steps = 3000
+  c.train.num_steps = 2000
   c.train.log_every = 50
   c.train.eval_every = 1000
   c.train.checkpoint_every = 250
@@ -103,7 +106,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()
   c.sampler.temperature = 1.0       # 0 = greedy
   c.sampler.top_k = 0
-  c.sampler.top_p = 1.0
+  c.sampler.top_p = 0.9
   c.sampler.tau = 0.0               # probability threshold (0 = off)
   c.sampler.gaps = "all"            # "all" or "last" (left-to-right decoding)
   c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
@@ -155,3 +158,13 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
     c.sampler.max_steps = 128
     c.sampler.max_len = 128
   return c
+
+
+def sweep() -> list[dict]:
+  """The default sweep: scorer x frontier_prob, as ``--config.<key>=value`` overrides.
+
+  ``python launch/sweep.py --config=configs/default.py:small --dry_run`` prints one training
+  command per dict, each with its own workdir.
+  """
+  return [{"scorer.name": scorer, "noise.frontier_prob": frontier}
+          for scorer in SWEEP_SCORERS for frontier in SWEEP_FRONTIER_PROBS]

@@ -1,0 +1,173 @@
+r"""Training throughput: the semdiff insertion model next to the same-size causal AR model.
+
+For each model kind, on the same batches of the configured data (default: the `small`
+variant of configs/default.py), times the jitted train step of `semdiff.train` and
+prints a Markdown table:
+
+  step time     median seconds per step (after compilation and warm-up);
+  tokens/s      data tokens (real tokens of the batch) per second;
+  positions     model input positions computed per step (rows x width, padding included);
+  noising share the time of a jitted function that does only the input preparation of the
+                step (insertion: `losses.draw_states` -- scoring, trees, level draw,
+                noising -- plus canvas building and packing; causal: `losses.ar_inputs`) on
+                the same batch, divided by the step time;
+  MFU           6 * parameters * positions per step / step time, over a peak measured here
+                with a 2048^3 float32 matmul (attention FLOPs are left out, so this is a
+                model-FLOPs estimate, not hardware utilisation).
+
+Then the ratios: semdiff tokens/s / AR tokens/s, and semdiff's scoring + noising share.
+
+  python benchmarks/train_throughput.py [--steps=8] [--tokenizer=PATH/spm.model]
+      [--config=configs/default.py:small] [--config.train.batch_size=32 ...]
+
+Without ``--tokenizer`` a tokenizer is trained in a temporary folder as the job would.
+Runs on whatever devices JAX sees (the config's mesh); takes about a minute on 2 CPU cores.
+"""
+
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from semdiff import losses
+from semdiff import model as model_lib
+from semdiff import sharding
+from semdiff import train
+from semdiff.data import pipeline
+from semdiff.data import tokenizer as tokenizer_lib
+
+_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_ROOT, "configs", "default.py"), "An ML Collections config file.",
+    lock_config=False)
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per model (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A trained .model file; '' trains one.")
+_KINDS = ("insertion", "causal")
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 8) -> float:
+  """FLOP/s of a jitted n^3 float32 matmul (best of ``repeats``)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  mm = jax.jit(lambda x, y: x @ y)
+  mm(a, a).block_until_ready()
+  best = min(_timed(lambda: mm(a, a).block_until_ready()) for _ in range(repeats))
+  return 2.0 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def input_prep_fn(exp):
+  """A jitted function doing only the step's input preparation (no model)."""
+  if exp.config.model_kind == "causal":
+    return jax.jit(lambda tokens, mask, rng: losses.ar_inputs(tokens, mask))
+  noise_cfg, scorer_cfg, stats = exp.noise_cfg, exp.scorer_cfg, exp.stats
+  none_id = exp.model_cfg.vocab_size  # `none` is the last output, after the vocabulary
+
+  def prep(tokens, mask, rng):
+    k = noise_cfg.states_per_example
+    if k > 1:
+      tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
+    noised, height, _, _ = losses.draw_states(tokens, mask, rng, stats, scorer_cfg,
+                                               noise_cfg, none_id)
+    inputs = losses.canvas_inputs(noised.canvas, noised.length)
+    if noise_cfg.pack_rows:
+      return losses.pack(*inputs, noised.gap_targets, rows=noise_cfg.pack_rows), height
+    return inputs, noised.gap_targets, height
+
+  return jax.jit(prep, in_shardings=(sharding.batch_sharding(exp.mesh),) * 2 + (None,))
+
+
+def bench_kind(config, kind: str, tok, workdir: str) -> dict:
+  config = config.copy_and_resolve_references()
+  config.model_kind = kind
+  exp = train.build_experiment(config, workdir, tokenizer=tok)
+  state = train.init_state(exp)
+  num_params = model_lib.count_params(state["params"])
+  step_fn = train.make_train_step(exp)
+  batches = pipeline.train_iterator(config, tok)
+  host = [next(batches) for _ in range(_WARMUP.value + _STEPS.value + 1)]
+  glob = [sharding.global_batch(b, exp.mesh) for b in host]
+
+  state, metrics = step_fn(state, glob[0])  # compile
+  jax.block_until_ready(metrics)
+  for b in glob[1:1 + _WARMUP.value]:
+    state, metrics = step_fn(state, b)
+  jax.block_until_ready(metrics)
+  times, tokens, positions = [], [], []
+  for b in glob[1 + _WARMUP.value:]:
+    t = time.perf_counter()
+    state, metrics = step_fn(state, b)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+    m = jax.device_get(metrics)
+    tokens.append(float(m["tokens"]))
+    positions.append(float(m["computed_positions"]))
+
+  prep = input_prep_fn(exp)
+  rng = jax.random.key(1)
+  jax.block_until_ready(prep(glob[0]["tokens"], glob[0]["mask"], rng))
+  prep_times = []
+  for b in glob[1 + _WARMUP.value:]:
+    prep_times.append(_timed(lambda b=b: jax.block_until_ready(
+        prep(b["tokens"], b["mask"], rng))))
+  step_time = statistics.median(times)
+  return {"kind": kind, "params": num_params, "step_time": step_time,
+          "tokens_per_s": statistics.mean(tokens) / step_time,
+          "positions": statistics.mean(positions),
+          "prep_time": statistics.median(prep_times),
+          "prep_share": statistics.median(prep_times) / step_time}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  with tempfile.TemporaryDirectory() as workdir:
+    if _TOKENIZER.value:
+      tok = tokenizer_lib.Tokenizer.load(_TOKENIZER.value)
+    else:
+      print("training the tokenizer ...", file=sys.stderr, flush=True)
+      tok = train.load_tokenizer(config, workdir)
+    peak = measure_peak_flops()
+    rows = [bench_kind(config, kind, tok, workdir) for kind in _KINDS]
+    # The best of two measurements: a shared machine's peak drifts with its load.
+    peak = max(peak, measure_peak_flops())
+
+  devices = jax.devices()
+  print(f"\n{config.get('variant', '?')} config, batch {config.train.batch_size}, "
+        f"max_len {config.data.max_len}, {len(devices)} x {devices[0].device_kind}, "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s, {_STEPS.value} timed steps\n")
+  print("| model | params | step time (s) | tokens/s | positions/step | "
+        "scoring+noising (s) | share of step | MFU |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  for r in rows:
+    mfu = 6.0 * r["params"] * r["positions"] / r["step_time"] / peak
+    name = "semdiff (insertion)" if r["kind"] == "insertion" else "AR (causal)"
+    print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['step_time']:.3f} | "
+          f"{r['tokens_per_s']:,.0f} | {r['positions']:,.0f} | {r['prep_time']:.4f} | "
+          f"{r['prep_share']:.1%} | {mfu:.1%} |")
+  ins, ar = rows
+  print(f"\nsemdiff tokens/s / AR tokens/s = {ins['tokens_per_s'] / ar['tokens_per_s']:.2f}; "
+        f"semdiff scoring+noising share of the step = {ins['prep_share']:.1%} "
+        f"(AR input preparation: {ar['prep_share']:.1%}).")
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)
