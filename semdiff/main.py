@@ -50,6 +50,13 @@ def main(argv):
     # Errors meant for the user: one line, no traceback.
     print(f"semdiff: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except OSError as e:
+    if "Failed loading config file" not in str(e):
+      raise
+    # ml_collections loads config files lazily: a missing file surfaces at first use.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"semdiff: error: cannot load --config: {lines[-1]}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_flags(argv):
