@@ -17,7 +17,6 @@ else on the grammar corpus, serves every source, so the step compiles once.
 """
 
 import contextlib
-import importlib.util
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from semdiff import config_files
 from semdiff import sharding
 from semdiff import train
 from semdiff.data import pipeline
@@ -43,14 +43,7 @@ _SOURCES = flags.DEFINE_list("sources", ["grammar", "text_files", "lm1b"], "Sour
 
 
 def load_config(variant, **overrides):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs/default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  for key, value in overrides.items():
-    group, field = key.split(".")
-    config[group][field] = value
-  return config
+  return config_files.load(variant=variant, overrides=overrides)
 
 
 def source_config(name):

@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 from semdiff import checkpointing
+from semdiff import config_files
 from semdiff import evaluation
 from semdiff import losses
 from semdiff import metrics as metrics_lib
@@ -416,12 +417,7 @@ def load_trained(workdir: str, step: Optional[int] = None,
                             "with python -m semdiff.main --config=... --workdir=DIR first.")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  for key, value in (overrides or {}).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_files.apply_overrides(config, overrides or {})
   exp = build_experiment(config, workdir)
   mgr = checkpointing.manager(workdir, keep=int(config.train.keep_checkpoints))
   try:

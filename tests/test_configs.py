@@ -8,7 +8,6 @@ reads exists in every variant, and the groups mirrored by a dataclass (``model``
 import ast
 import dataclasses
 import glob
-import importlib.util
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from semdiff import config_files
 from semdiff import losses
 from semdiff import model as model_lib
 from semdiff import sampling
@@ -40,17 +40,9 @@ def _compilation_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def load_module(path):
-  spec = importlib.util.spec_from_file_location(
-      "semdiff_config_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def variants(path):
   """The variant arguments of a config file: None (its default), then its VARIANTS."""
-  return [None, *getattr(load_module(path), "VARIANTS", ())]
+  return [None, *getattr(config_files.load_module(path), "VARIANTS", ())]
 
 
 CASES = [(os.path.relpath(p, ROOT), v) for p in CONFIG_FILES for v in variants(p)]
@@ -58,7 +50,7 @@ IDS = [f"{p}:{v}" if v else p for p, v in CASES]
 
 
 def get_config(path, variant):
-  module = load_module(os.path.join(ROOT, path))
+  module = config_files.load_module(os.path.join(ROOT, path))
   return module.get_config() if variant is None else module.get_config(variant)
 
 
@@ -68,7 +60,7 @@ def test_configs_are_shipped():
 
 @pytest.mark.parametrize("path", [os.path.relpath(p, ROOT) for p in CONFIG_FILES])
 def test_unknown_variant_names_the_choices(path):
-  module = load_module(os.path.join(ROOT, path))
+  module = config_files.load_module(os.path.join(ROOT, path))
   choices = getattr(module, "VARIANTS", ())
   if not choices:
     pytest.skip(f"{path} has no variants")

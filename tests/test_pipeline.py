@@ -12,7 +12,6 @@ tokenizer is trained from the real corpus through `pipeline.tokenizer_texts` whe
 there, else it is the committed `tests/testdata/tiny_spm.model`.
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -24,6 +23,7 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
 
+from semdiff import config_files
 from semdiff import sharding
 from semdiff import train
 from semdiff.data import pipeline
@@ -42,15 +42,7 @@ needs_shakespeare = pytest.mark.skipif(
 
 def tiny_config(**overrides):
   """The tiny variant of configs/default.py with ``{"data.name": ..., ...}`` applied."""
-  spec = importlib.util.spec_from_file_location("semdiff_default_config",
-                                                os.path.join(ROOT, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
-  for key, value in overrides.items():
-    group, field = key.split(".")
-    config[group][field] = value
-  return config
+  return config_files.load(variant="tiny", overrides=overrides)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,7 +8,6 @@ decoding).
 """
 
 import functools
-import importlib.util
 import os
 
 import jax
@@ -18,6 +17,7 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
+from semdiff import config_files
 from semdiff import model as model_lib
 from semdiff import sampling
 from semdiff import sharding
@@ -30,11 +30,7 @@ V = 24  # stub vocabulary; none_id = V
 
 
 def _tiny_config():
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.py")
-  spec = importlib.util.spec_from_file_location("semdiff_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return config_files.load(variant="tiny")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,13 +7,13 @@ really are split over ``fsdp``.
 """
 
 import functools
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from semdiff import config_files
 from semdiff import sharding
 from semdiff import train
 from semdiff.data import pipeline
@@ -29,17 +29,11 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def tiny_config(data=-1, fsdp=1, **overrides):
-  spec = importlib.util.spec_from_file_location("semdiff_default_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.load(CONFIG_FILE, "tiny")
   config.data.tokenizer_path = TOKENIZER
   config.mesh.data, config.mesh.fsdp = data, fsdp
   config.model.num_layers = 1  # compile time dominates; one block shards like two
-  for key, value in overrides.items():
-    group, field = key.split(".")
-    config[group][field] = value
-  return config
+  return config_files.apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ per session (persistent compilation cache in the session's temporary folder), so
 after the first one cost seconds.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from semdiff import config_files
 from semdiff import checkpointing
 from semdiff import metrics as metrics_lib
 from semdiff import sharding
@@ -47,14 +47,7 @@ def _compilation_cache(tmp_path_factory):
 
 def tiny_config(**overrides):
   """The tiny variant of configs/default.py; overrides as ``**{"train.num_steps": 3}``."""
-  spec = importlib.util.spec_from_file_location("semdiff_default_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
-  for key, value in overrides.items():
-    group, field = key.split(".")
-    config[group][field] = value
-  return config
+  return config_files.load(CONFIG_FILE, "tiny", overrides)
 
 
 def read_rows(workdir):
