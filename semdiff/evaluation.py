@@ -93,3 +93,160 @@ def grammar_report(texts: Sequence[str], grammar) -> dict:
       "grammatical": float(ok.mean()) if len(texts) else 0.0,
       "sample_nll_grammatical": float(-logps[ok].mean()) if ok.any() else float("nan"),
   }
+
+
+def grammar_nll(texts: Sequence[str], grammar) -> np.ndarray:
+  """float64 [N]: each text's exact NLL (nats) under ``grammar``; inf if ungrammatical."""
+  return np.array([-grammar.logprob(t) for t in texts], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text metrics of a set of samples. Each sample is a sequence of hashable units (words, or
+# token ids); the callers split decoded texts on whitespace, so the figures are about words.
+
+
+def _ngrams(units: Sequence, n: int) -> list[tuple]:
+  return [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+
+
+def distinct_n(samples: Sequence[Sequence], n: int) -> float:
+  """Distinct-n: distinct n-grams over all n-grams, pooled over the samples.
+
+  Args:
+    samples: N sequences of units.
+    n: the n-gram order (1, 2, 3, ...).
+
+  Returns:
+    (number of distinct n-grams in the whole set) / (number of n-gram occurrences), in
+    [0, 1]; 0.0 when no sample has n units. 1.0 means no n-gram repeats anywhere.
+  """
+  grams = [g for s in samples for g in _ngrams(list(s), n)]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def self_bleu(samples: Sequence[Sequence], max_n: int = 4) -> float:
+  """Self-BLEU: how alike the samples are (1 = all identical, 0 = nothing shared).
+
+  Definition: the mean over samples i of sentence-level BLEU-``max_n`` of sample i (the
+  hypothesis) against all the *other* samples as its references, with
+
+  * clipped n-gram precision p_k = m_k / l_k for k = 1..max_n, where l_k is the number of
+    k-grams of the hypothesis and m_k counts them clipped by the largest count of that k-gram
+    in any single reference (standard multi-reference BLEU);
+  * smoothing for k >= 2 only: p_k = (m_k + 1) / (l_k + 1) (Lin & Och 2004; "method 2" of
+    Chen & Cherry 2014 applied to the higher orders), so that a short sample without a
+    shared 4-gram does not score 0 while an unshared vocabulary (m_1 = 0) still scores 0;
+  * uniform weights: BLEU = BP * exp(mean_k log p_k);
+  * brevity penalty BP = 1 if c > r else exp(1 - r / c), c the hypothesis length and r the
+    reference length closest to c (the shorter one on a tie);
+  * an empty hypothesis scores 0.
+
+  The pairwise definition costs O(N^2 L); this computes the same numbers in O(N L) by
+  keeping, per n-gram, its two largest counts over the samples (the largest count over the
+  others is the first unless sample i holds it). Fewer than two samples: 0.0.
+
+  Args:
+    samples: N sequences of units.
+    max_n: the highest n-gram order (4 for BLEU-4).
+  """
+  samples = [list(s) for s in samples]
+  num = len(samples)
+  if num < 2:
+    return 0.0
+  lengths = np.array([len(s) for s in samples])
+  counts = []  # counts[k][i]: Counter-like dict of sample i's (k+1)-grams
+  top = []     # top[k][gram] = (largest count, its sample, second largest count)
+  for k in range(1, max_n + 1):
+    per_sample, best = [], {}
+    for i, s in enumerate(samples):
+      c = {}
+      for g in _ngrams(s, k):
+        c[g] = c.get(g, 0) + 1
+      per_sample.append(c)
+      for g, v in c.items():
+        first, who, second = best.get(g, (0, -1, 0))
+        if v > first:
+          best[g] = (v, i, first)
+        elif v > second:
+          best[g] = (first, who, v)
+    counts.append(per_sample)
+    top.append(best)
+  order = np.argsort(lengths, kind="stable")
+  sorted_len = lengths[order]
+  scores = np.zeros(num)
+  for i in range(num):
+    c = lengths[i]
+    if c == 0:
+      continue
+    log_p = 0.0
+    for k in range(max_n):
+      total = max(c - k, 0)
+      matched = 0
+      for g, v in counts[k][i].items():
+        first, who, second = top[k][g]
+        matched += min(v, second if who == i else first)
+      if k == 0:
+        if matched == 0:
+          log_p = -np.inf
+          break
+        log_p += np.log(matched / total)
+      else:
+        log_p += np.log((matched + 1) / (total + 1))
+    if not np.isfinite(log_p):
+      continue
+    # The closest reference length, over the other samples (drop one copy of sample i's).
+    others = np.delete(sorted_len, np.searchsorted(sorted_len, c))
+    r = others[np.lexsort((others, np.abs(others - c)))[0]]
+    bp = 1.0 if c > r else np.exp(1.0 - r / c)
+    scores[i] = bp * np.exp(log_p / max_n)
+  return float(scores.mean())
+
+
+def length_tv(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> float:
+  """Total-variation distance between two empirical length distributions.
+
+  TV = 1/2 * sum_k |P_a(length = k) - P_b(length = k)|, in [0, 1]: 0 for the same
+  histogram (up to scale), 1 for disjoint supports. Either set empty: nan.
+  """
+  a, b = np.asarray(lengths_a, np.int64), np.asarray(lengths_b, np.int64)
+  if a.size == 0 or b.size == 0:
+    return float("nan")
+  top = int(max(a.max(), b.max())) + 1
+  pa = np.bincount(a, minlength=top) / a.size
+  pb = np.bincount(b, minlength=top) / b.size
+  return float(0.5 * np.abs(pa - pb).sum())
+
+
+def keyword_coverage(samples: Sequence[Sequence], keywords: Sequence[Sequence]) -> float:
+  """Fraction of samples that contain all their keywords, in the given order.
+
+  Sample i is covered when ``keywords[i]`` is a subsequence of ``samples[i]`` (not
+  necessarily contiguous: the insertion sampler puts words between the keywords). No
+  samples: nan.
+  """
+  if len(samples) != len(keywords):
+    raise ValueError(f"{len(samples)} samples but {len(keywords)} keyword lists: give one "
+                     "keyword list per sample.")
+  if not samples:
+    return float("nan")
+
+  def covered(sample, words):
+    it = iter(sample)
+    return all(any(w == x for x in it) for w in words)
+
+  return float(np.mean([covered(list(s), list(k)) for s, k in zip(samples, keywords)]))
+
+
+def text_report(texts: Sequence[str], data_lengths: Optional[Sequence[int]] = None,
+                sample_lengths: Optional[Sequence[int]] = None) -> dict:
+  """Distinct-1/2/3 and self-BLEU of texts (on words), and the length TV distance.
+
+  ``sample_lengths`` and ``data_lengths`` (in the same unit, e.g. tokens) give the TV
+  distance of the samples' lengths to the data's; without both it is left out.
+  """
+  words = [t.split() for t in texts]
+  out = {f"distinct_{n}": distinct_n(words, n) for n in (1, 2, 3)}
+  out["self_bleu"] = self_bleu(words)
+  if data_lengths is not None and sample_lengths is not None:
+    out["length_tv"] = length_tv(sample_lengths, data_lengths)
+  return out
