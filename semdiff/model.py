@@ -116,12 +116,40 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, attn_mask):
     """x: [B, T, D]; positions: int [B, T]; attn_mask: bool [B, T, T] (query, key)."""
+    q, k, v = self._qkv(x, positions)
+    return self._finish(x, q, k, v, attn_mask)
+
+  def decode(self, x, position, cache: dict):
+    """One new position with cached keys and values (causal decoding).
+
+    Args:
+      x: [B, 1, D], the new position's input.
+      position: int32 [], its index (the same for every row: all rows start together).
+      cache: {"k", "v"}: [B, C, H, K] keys and values of positions < ``position``.
+
+    Returns:
+      ([B, 1, D] output, the cache with this position's keys and values written).
+    """
+    batch = x.shape[0]
+    q, k, v = self._qkv(x, jnp.full((batch, 1), position, jnp.int32))
+    start = (0, position, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+    values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+    visible = jnp.arange(keys.shape[1]) <= position
+    mask = jnp.broadcast_to(visible[None, None, :], (batch, 1, keys.shape[1]))
+    return self._finish(x, q, keys, values, mask), {"k": keys, "v": values}
+
+  def _qkv(self, x, positions):
+    """Rotary queries, keys and values, each [B, T, H, K] in the compute dtype."""
     cfg = self.cfg
-    dt = cfg.compute_dtype
     y = self.attn_norm(x)
-    q, k, v = jnp.unstack(jnp.einsum("btd,dchk->cbthk", y, self.qkv[...].astype(dt)), axis=0)
-    q = rotary(q, positions, cfg.rope_base)
-    k = rotary(k, positions, cfg.rope_base)
+    q, k, v = jnp.unstack(
+        jnp.einsum("btd,dchk->cbthk", y, self.qkv[...].astype(cfg.compute_dtype)), axis=0)
+    return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
+
+  def _finish(self, x, q, k, v, attn_mask):
+    """Attention of q [B, Q, H, K] over k, v [B, S, H, K] (mask [B, Q, S]), then the MLP."""
+    dt = self.cfg.compute_dtype
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     logits = jnp.where(attn_mask[:, None], logits, jnp.finfo(jnp.float32).min)
@@ -169,6 +197,19 @@ class Backbone(nnx.Module):
       else:
         x = block(x, positions, same)
     return self.final_norm(x)
+
+  def decode(self, tokens, position, cache):
+    """Causal decoding of one position: tokens int [B] at index ``position`` (int32 []).
+
+    ``cache`` is a tuple of per-layer {"k", "v"} [B, C, H, K]; returns (hidden [B, D], the
+    updated cache).
+    """
+    x = jnp.take(self.embed[...], tokens[:, None], axis=0).astype(self.cfg.compute_dtype)
+    new_cache = []
+    for block, layer in zip(self.blocks, cache):
+      x, layer = block.decode(x, position, layer)
+      new_cache.append(layer)
+    return self.final_norm(x)[:, 0], tuple(new_cache)
 
 
 class InsertionTransformer(nnx.Module):
@@ -232,11 +273,37 @@ class CausalTransformer(nnx.Module):
 
   def __call__(self, tokens, segment_ids, positions):
     """Next-token logits, float32 [B, T, V], for input [B, T]."""
-    cfg = self.cfg
     h = self.backbone(tokens, segment_ids, positions, causal=True)
+    return self._logits(h)
+
+  def _logits(self, h):
+    """[B, T, D] hidden states -> float32 [B, T, V] logits."""
+    cfg = self.cfg
     table = self.backbone.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     table = table / jnp.sqrt(jnp.float32(cfg.d_model))
     return jnp.einsum("btd,dv->btv", h, table.astype(cfg.compute_dtype)).astype(jnp.float32)
+
+  def init_cache(self, batch: int, capacity: int) -> tuple:
+    """An empty KV cache for ``capacity`` positions: per layer {"k", "v"} [B, C, H, K]."""
+    cfg = self.cfg
+    shape = (batch, capacity, cfg.num_heads, cfg.d_model // cfg.num_heads)
+    zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
+    return tuple({"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers))
+
+  def decode_step(self, tokens, position, cache):
+    """Incremental decoding: the logits after one more token.
+
+    Args:
+      tokens: int [B], the token at index ``position`` of every row (BOS at 0).
+      position: int32 [], the same for every row.
+      cache: from `init_cache` or the previous call (positions < ``position`` filled).
+
+    Returns:
+      (float32 [B, V] next-token logits, equal to ``self(...)[:, position]`` on the prefix up
+      to float rounding, and the cache with ``position`` written).
+    """
+    h, cache = self.backbone.decode(tokens, position, cache)
+    return self._logits(h[:, None])[:, 0], cache
 
 
 MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer}

@@ -318,3 +318,68 @@ def make_causal_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
     return sample_causal(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
 
   return run
+
+
+def sample_causal_cached(model, rng: jax.Array, cfg: SamplerConfig, *,
+                         batch_size: int) -> Samples:
+  """`sample_causal` with a KV cache: each model call processes one new token.
+
+  Same choices, same random keys and the same stopping rules as `sample_causal` (so the
+  same tokens up to float rounding of the logits), in one `lax.while_loop`; every row
+  stops at its EOS (or the cap ``cfg.max_len``), the loop when every row has stopped.
+  All rows decode position ``step`` together, so one scalar index serves the cache.
+
+  Args:
+    model: a `CausalTransformer` (``init_cache`` / ``decode_step``).
+    rng: PRNG key; cfg: sampler controls (static); batch_size: B.
+
+  Returns:
+    `Samples` (drafts hold only the final sequences, as in `sample_causal`).
+  """
+  cap = cfg.max_len
+  init = dict(tokens=jnp.full((batch_size, cap + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID),
+              length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),
+              calls=jnp.zeros((batch_size,), jnp.int32),
+              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0), rng=rng,
+              cache=model.init_cache(batch_size, cap + 1))
+  banned = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.array([PAD_ID, BOS_ID, UNK_ID])].set(
+      True)
+  rows = jnp.arange(batch_size)
+
+  def cond(s):
+    return (s["step"] < cap + 1) & ~jnp.all(s["done"])
+
+  def body(s):
+    rng, key = jax.random.split(s["rng"])
+    n, step = s["length"], s["step"]
+    logits, cache = model.decode_step(s["tokens"][:, step], step, s["cache"])
+    logits = jnp.where(banned, -jnp.inf, logits)
+    if cfg.temperature == 0.0:
+      choice = jnp.argmax(logits, axis=-1)
+    else:
+      choice = jax.random.categorical(key, _filter_logits(logits / cfg.temperature, cfg))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[:, None], axis=1)[:, 0]
+    active = ~s["done"]
+    stop = (choice == EOS_ID) | (n >= cap)
+    write = active & ~stop
+    tokens = s["tokens"].at[rows, jnp.where(write, n + 1, cap + 1)].set(
+        choice.astype(jnp.int32), mode="drop")
+    return dict(tokens=tokens, length=n + write, done=s["done"] | stop,
+                calls=s["calls"] + active, logprob=s["logprob"] + jnp.where(active, logp, 0.0),
+                step=step + 1, rng=rng, cache=cache)
+
+  out = jax.lax.while_loop(cond, body, init)
+  tokens = out["tokens"][:, 1:]
+  return Samples(tokens=tokens, length=out["length"], calls=out["calls"],
+                 drafts=tokens[None], draft_length=out["length"][None],
+                 inserted_logprob=out["logprob"])
+
+
+def make_causal_cached_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
+  """A jitted ``fn(params, rng) -> Samples``: the causal baseline with its KV cache."""
+
+  @jax.jit
+  def run(params, rng):
+    return sample_causal_cached(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
+
+  return run
