@@ -95,6 +95,17 @@ def grammar_report(texts: Sequence[str], grammar) -> dict:
   }
 
 
+def true_nll(batches: Sequence[dict], decode, grammar) -> np.ndarray:
+  """float64 [N]: the grammar's exact NLL of every real row of held-out ``batches``.
+
+  The true entropy of the sentences an `NllEvaluator` bound is computed on (same rows, same
+  order); ``decode`` maps a list of ids to text.
+  """
+  texts = [decode(row[m].tolist()) for batch in batches
+           for row, m in zip(batch["tokens"], batch["mask"]) if m.any()]
+  return grammar_nll(texts, grammar)
+
+
 def grammar_nll(texts: Sequence[str], grammar) -> np.ndarray:
   """float64 [N]: each text's exact NLL (nats) under ``grammar``; inf if ungrammatical."""
   return np.array([-grammar.logprob(t) for t in texts], np.float64)

@@ -204,16 +204,28 @@ class _Preempted:
     self.requested = True
 
 
+def sampler_for(exp: Experiment, batch_size: int,
+                cfg: Optional[sampling.SamplerConfig] = None):
+  """The jitted sampler of the run's model kind: ``fn(params, rng) -> sampling.Samples``.
+
+  The causal baseline decodes with its KV cache (`sampling.sample_causal_cached`).
+  """
+  cfg = cfg or exp.sampler_cfg
+  if exp.config.model_kind == "causal":
+    return sampling.make_causal_cached_sampler(exp.graphdef, cfg, batch_size)
+  return sampling.make_sampler(exp.graphdef, cfg, batch_size)
+
+
+def decode_samples(exp: Experiment, samples: sampling.Samples) -> list[str]:
+  """The texts of host-side ``samples``."""
+  return [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
+          for i in range(samples.tokens.shape[0])]
+
+
 def generate(exp: Experiment, params, num: int, rng) -> tuple[sampling.Samples, list[str]]:
   """``num`` samples from the trained model and their texts."""
-  if exp.config.model_kind == "causal":
-    run = sampling.make_causal_sampler(exp.graphdef, exp.sampler_cfg, num)
-  else:
-    run = sampling.make_sampler(exp.graphdef, exp.sampler_cfg, num)
-  samples = jax.device_get(run(params, rng))
-  texts = [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
-           for i in range(num)]
-  return samples, texts
+  samples = jax.device_get(sampler_for(exp, num)(params, rng))
+  return samples, decode_samples(exp, samples)
 
 
 def sample_report(exp: Experiment, params, step: int, writer, *, num: int,
@@ -379,13 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _grammar_summary(config, exp, eval_batches, final) -> dict:
   """The true entropy of the validation sentences, next to the model's bound."""
-  grammar = grammar_lib.default_grammar()
-  true_nll = []
-  for batch in eval_batches:
-    for row, m in zip(batch["tokens"], batch["mask"]):
-      if m.any():
-        true_nll.append(-grammar.logprob(exp.tokenizer.decode(row[m].tolist())))
-  true_nll = np.asarray(true_nll)
+  true_nll = evaluation.true_nll(eval_batches, exp.tokenizer.decode,
+                                 grammar_lib.default_grammar())
   out = {"true_nll_per_sentence": float(true_nll.mean())}
   lines = [
       "",
