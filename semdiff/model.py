@@ -1,13 +1,16 @@
-"""The Transformer: a bidirectional insertion model and its causal AR twin.
+"""The Transformers: the bidirectional insertion model and its baselines.
 
-One backbone (pre-norm, rotary positions, gated MLP) serves both:
+One backbone (pre-norm, rotary positions, gated MLP) serves all three:
 
 * `InsertionTransformer` reads the canvas ``[BOS] x_h [EOS] [PAD]...`` with full
   (bidirectional) attention inside each segment and, for every gap ``g``
   between canvas positions ``g`` and ``g + 1``, gives logits over the
   vocabulary plus ``none_id = vocab_size`` ("no insertion here").
 * `CausalTransformer` is the same backbone with causal attention and a
-  next-token head: the autoregressive baseline of the same size.
+  next-token head: the autoregressive baseline of the same size (with a KV
+  cache for decoding).
+* `MaskedDiffusionTransformer` is the same backbone, bidirectional, over a
+  fixed-length canvas with an absorbing mask id: the masked-diffusion peer.
 
 Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
 ``mlp``) in their ``out_sharding`` metadata; `semdiff.sharding` maps them to
@@ -306,11 +309,49 @@ class CausalTransformer(nnx.Module):
     return self._logits(h[:, None])[:, 0], cache
 
 
-MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer}
+class MaskedDiffusionTransformer(nnx.Module):
+  """The masked-diffusion baseline: absorbing-state discrete diffusion on a fixed canvas.
+
+  The canvas is ``x [EOS] [PAD]...`` of a fixed width (``data.max_len + 1``); noising
+  replaces tokens by the absorbing ``mask_id`` and the model predicts every masked position,
+  EOS and PAD ones included, so the sentence length is learned (as in MDLM). The mask id is
+  ``vocab_size``: one extra row of the input embedding (the ``none_id = vocab_size`` trick of
+  the insertion model), never a tokenizer piece and never an output.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Backbone(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 1), rngs)
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (cfg.d_model, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  @property
+  def mask_id(self) -> int:
+    return self.cfg.vocab_size
+
+  def __call__(self, tokens, segment_ids, positions):
+    """Logits of the clean token at every position, float32 [B, T, V].
+
+    Args:
+      tokens: int [B, T], canvases with ``mask_id`` at the noised positions.
+      segment_ids: int [B, T] (1 on the whole canvas: PAD positions are predicted too).
+      positions: int [B, T].
+    """
+    cfg = self.cfg
+    h = self.backbone(tokens, segment_ids, positions, causal=False)
+    table = (self.backbone.embed[:cfg.vocab_size].T if cfg.tie_embeddings
+             else self.unembed[...])
+    table = table / jnp.sqrt(jnp.float32(cfg.d_model))
+    return jnp.einsum("btd,dv->btv", h, table.astype(cfg.compute_dtype)).astype(jnp.float32)
+
+
+MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer,
+          "masked": MaskedDiffusionTransformer}
 
 
 def build(kind: str, cfg: ModelConfig, seed: int = 0):
-  """A freshly initialised model of ``kind`` ("insertion" or "causal")."""
+  """A freshly initialised model of ``kind`` ("insertion", "causal" or "masked")."""
   if kind not in MODELS:
     raise ValueError(f"Unknown model kind {kind!r}; choose one of {sorted(MODELS)}.")
   return MODELS[kind](cfg, rngs=nnx.Rngs(params=seed))

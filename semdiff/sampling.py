@@ -383,3 +383,65 @@ def make_causal_cached_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
     return sample_causal_cached(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
 
   return run
+
+
+def sample_masked(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
+  """Ancestral sampling of the masked-diffusion baseline in ``cfg.max_steps`` steps.
+
+  The canvas has ``cfg.max_len + 1`` positions (the training canvas ``data.max_len + 1``:
+  keep ``sampler.max_len == data.max_len``) and starts fully masked. Step k = T..1 goes from
+  time t = k/T to s = (k-1)/T: the model predicts every position once, and each masked
+  position is revealed with probability (t - s) / t (= 1 at the last step) as a token drawn
+  from its prediction (temperature / top-k / top-p as configured; BOS and UNK banned);
+  revealed positions stay. The sentence is the canvas up to its first EOS or PAD.
+
+  Returns:
+    `Samples` with ``calls`` = T for every row (one model call per step, no early stop),
+    drafts [T+1, B, C]: the revealed tokens after each step (masked positions hold the mask
+    id, which decodes to nothing); the last one is the result.
+  """
+  steps, cap = cfg.max_steps, cfg.max_len
+  width = cap + 1
+  mask_id = model.mask_id
+  z0 = jnp.full((batch_size, width), mask_id, jnp.int32)
+  seg, pos = losses.masked_inputs(z0)
+  banned = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.array([BOS_ID, UNK_ID])].set(True)
+
+  def body(i, s):
+    z, logprob, drafts, rng = s
+    rng, k_tok, k_rev = jax.random.split(rng, 3)
+    t = (steps - i) / steps
+    s_next = (steps - i - 1) / steps
+    logits = jnp.where(banned, -jnp.inf, model(z, seg, pos))
+    if cfg.temperature == 0.0:
+      choice = jnp.argmax(logits, axis=-1)
+    else:
+      choice = jax.random.categorical(k_tok, _filter_logits(logits / cfg.temperature, cfg))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[..., None], axis=-1)[..., 0]
+    reveal = (z == mask_id) & (jax.random.uniform(k_rev, z.shape) < (t - s_next) / t)
+    z = jnp.where(reveal, choice.astype(jnp.int32), z)
+    logprob = logprob + jnp.sum(jnp.where(reveal, logp, 0.0), axis=1)
+    return z, logprob, drafts.at[i + 1].set(z[:, :cap]), rng
+
+  drafts = jnp.full((steps + 1, batch_size, cap), mask_id, jnp.int32)
+  z, logprob, drafts, _ = jax.lax.fori_loop(
+      0, steps, body, (z0, jnp.zeros((batch_size,), jnp.float32), drafts, rng))
+  ends = (z == EOS_ID) | (z == PAD_ID)
+  length = jnp.minimum(jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1), width), cap)
+  tokens = jnp.where(jnp.arange(cap)[None, :] < length[:, None], z[:, :cap], PAD_ID)
+  tokens = tokens.astype(jnp.int32)
+  drafts = drafts.at[steps].set(tokens)  # the last draft is the result, cut at its end
+  return Samples(tokens=tokens, length=length.astype(jnp.int32),
+                 calls=jnp.full((batch_size,), steps, jnp.int32), drafts=drafts,
+                 draft_length=jnp.full((steps + 1, batch_size), cap, jnp.int32),
+                 inserted_logprob=logprob)
+
+
+def make_masked_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
+  """A jitted ``fn(params, rng) -> Samples`` for the masked-diffusion baseline."""
+
+  @jax.jit
+  def run(params, rng):
+    return sample_masked(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
+
+  return run

@@ -90,8 +90,12 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
       word_start=jnp.asarray(tok.word_start_table))
 
 
+LOSSES = {"insertion": losses.insertion_loss, "causal": losses.ar_loss,
+          "masked": losses.masked_loss}
+
+
 def loss_fn_for(kind: str):
-  return losses.insertion_loss if kind == "insertion" else losses.ar_loss
+  return LOSSES[kind]
 
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str,
@@ -208,11 +212,14 @@ def sampler_for(exp: Experiment, batch_size: int,
                 cfg: Optional[sampling.SamplerConfig] = None):
   """The jitted sampler of the run's model kind: ``fn(params, rng) -> sampling.Samples``.
 
-  The causal baseline decodes with its KV cache (`sampling.sample_causal_cached`).
+  The causal baseline decodes with its KV cache (`sampling.sample_causal_cached`), the
+  masked-diffusion one ancestrally in ``sampler.max_steps`` steps (`sampling.sample_masked`).
   """
   cfg = cfg or exp.sampler_cfg
   if exp.config.model_kind == "causal":
     return sampling.make_causal_cached_sampler(exp.graphdef, cfg, batch_size)
+  if exp.config.model_kind == "masked":
+    return sampling.make_masked_sampler(exp.graphdef, cfg, batch_size)
   return sampling.make_sampler(exp.graphdef, cfg, batch_size)
 
 
