@@ -30,5 +30,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex==0.1.92"],
+        # Only the benchmarks' and results script's PNG plots; they skip the plot without it.
+        "plots": ["matplotlib==3.11.2"],
     },
 )
