@@ -221,10 +221,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None,
                              "Optional: workdir of a trained causal model that scores samples.")
 # The sampler fields of the default config; only those given on the command line override the
-# workdir's saved values.
+# workdir's saved values. (--workdir is checked in main, not marked required, so that scripts
+# can import this module and call evaluate_workdir.)
 _SAMPLER = config_flags.DEFINE_config_dict("sampler", config_files.load().sampler,
                                            "Sampler overrides, e.g. --sampler.temperature=0.7.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def sampler_overrides_from_flags() -> dict:
@@ -237,6 +237,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
   try:
+    if not _WORKDIR.value:
+      raise ValueError("--workdir is required: the workdir of a trained run.")
     results = evaluate_workdir(_WORKDIR.value, num_samples=_NUM_SAMPLES.value,
                                split=_SPLIT.value, batch_size=_BATCH.value,
                                sampler_overrides=sampler_overrides_from_flags(),
