@@ -415,6 +415,48 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
   return out
 
 
+def seconds_per_step(config: ml_collections.ConfigDict, workdir: str, steps: int = 8) -> float:
+  """Wall time of one training step of ``config`` (compile excluded), from ``steps`` steps.
+
+  Builds the run in ``workdir`` (training its tokenizer there if it has none) but writes no
+  checkpoint; the batches are read before the clock starts.
+  """
+  exp = build_experiment(config, workdir)
+  it = pipeline.train_iterator(config, exp.tokenizer)
+  batches = [sharding.global_batch(next(it), exp.mesh) for _ in range(steps)]
+  state = init_state(exp)
+  step = make_train_step(exp)
+  state, m = step(state, batches[0])
+  jax.block_until_ready(m)
+  t = time.time()
+  for b in batches[1:]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  return (time.time() - t) / (len(batches) - 1)
+
+
+def fit_to_budget(config: ml_collections.ConfigDict, workdir: str, budget_s: float,
+                  min_steps: int = 10) -> tuple[int, float]:
+  """Sets ``config.train.num_steps`` so that training takes about ``budget_s`` seconds.
+
+  Times a few steps (`seconds_per_step`) and spreads logging (20 windows), checkpoints (4)
+  and the periodic evaluation and samples (only at the end) over the run, so that runs of
+  different models get the same training time, not the same step count.
+
+  Returns:
+    (num_steps, seconds per step).
+  """
+  per_step = seconds_per_step(config, workdir)
+  steps = max(int(budget_s / per_step), min_steps)
+  with config.unlocked():
+    config.train.num_steps = steps
+    config.train.eval_every = steps
+    config.train.sample_every = steps
+    config.train.checkpoint_every = max(steps // 4, 1)
+    config.train.log_every = max(steps // 20, 1)
+  return steps, per_step
+
+
 def load_trained(workdir: str, step: Optional[int] = None,
                  overrides: Optional[dict] = None) -> tuple[Experiment, Any]:
   """(experiment, params) of a trained run, from its workdir alone.
