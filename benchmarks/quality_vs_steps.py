@@ -43,6 +43,9 @@ _SAMPLES = flags.DEFINE_integer("num_samples", 256, "Samples per sampler setting
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides for the insertion model, e.g. --set=noise.frontier_prob=0.5.")
 _MODELS = flags.DEFINE_list("models", ["causal", "insertion"], "Which models to train.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Output folders of earlier runs whose results.json join this table (e.g. the "
+    "two models trained side by side in two processes).")
 
 # Every setting states all the knobs it uses, so none inherits the config's sampler.
 _PLAIN = {"temperature": 1.0, "top_p": 1.0, "insert_fraction": 1.0, "insert_per_step": 0,
@@ -107,6 +110,40 @@ def sample_quality(exp, params, settings, num, grammar) -> dict:
   return out
 
 
+def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
+  """Trains ``kind`` for the budget in ``out_dir/kind`` (once: a rerun resumes or reuses)."""
+  config = config_files.load(variant=_VARIANT.value)
+  config.model_kind = kind
+  if kind == "insertion":
+    config_files.apply_overrides(config, dict(item.split("=", 1) for item in _OVERRIDES.value))
+  workdir = os.path.join(out_dir, kind)
+  plan_path = os.path.join(out_dir, f"{kind}_plan.json")
+  if os.path.exists(plan_path):  # the step count of an earlier (maybe interrupted) run
+    with open(plan_path) as f:
+      plan = json.load(f)
+  else:
+    per_step = cpu_seconds_per_step(config, workdir) / _CORES.value
+    plan = {"seconds_per_step": per_step, "steps": max(int(_BUDGET.value / per_step), 10)}
+    with open(plan_path, "w") as f:
+      json.dump(plan, f)
+  steps = plan["steps"]
+  config.train.num_steps = steps
+  config.train.eval_every = steps
+  config.train.sample_every = steps
+  config.train.checkpoint_every = max(steps // 4, 1)
+  config.train.log_every = max(steps // 20, 1)
+  config.train.num_samples = 64
+  config.train.samples_to_print = 2
+  print(f"== {kind}: {plan['seconds_per_step']:.3f} s/step on {_CORES.value} cores (CPU time) "
+        f"-> {steps} steps in {_BUDGET.value:.0f} s", flush=True)
+  t, cpu = time.time(), time.process_time()
+  final = train.train_and_evaluate(config, workdir)
+  stats = {**plan, "train_seconds": time.time() - t, "train_cpu_seconds": time.process_time() - cpu,
+           "nll_per_sentence": final.get("eval/nll_per_sentence"),
+           "true_nll_per_sentence": final.get("true_nll_per_sentence")}
+  return workdir, stats
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -114,34 +151,16 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   grammar = grammar_lib.default_grammar()
   results = {}
+  for path in _MERGE.value:
+    with open(os.path.join(path, "results.json")) as f:
+      results.update(json.load(f))
   for kind in _MODELS.value:
-    config = config_files.load(variant=_VARIANT.value)
-    config.model_kind = kind
-    if kind == "insertion":
-      config_files.apply_overrides(config, dict(item.split("=", 1) for item in _OVERRIDES.value))
-    workdir = os.path.join(out_dir, kind)
-    per_step = cpu_seconds_per_step(config, workdir) / _CORES.value
-    steps = max(int(_BUDGET.value / per_step), 10)
-    config.train.num_steps = steps
-    config.train.eval_every = steps
-    config.train.sample_every = steps
-    config.train.checkpoint_every = max(steps // 4, 1)
-    config.train.log_every = max(steps // 20, 1)
-    config.train.num_samples = 64
-    config.train.samples_to_print = 2
-    print(f"== {kind}: {per_step:.3f} s/step on {_CORES.value} cores (CPU time) -> {steps} "
-          f"steps in {_BUDGET.value:.0f} s", flush=True)
-    t, cpu = time.time(), time.process_time()
-    final = train.train_and_evaluate(config, workdir)
-    train_time, train_cpu = time.time() - t, time.process_time() - cpu
+    workdir, stats = train_model(kind, out_dir)
     exp, params = train.load_trained(workdir)
     settings = CAUSAL_SETTINGS if kind == "causal" else INSERTION_SETTINGS
     results[kind] = {
-        "steps": steps, "seconds_per_step": per_step, "train_seconds": train_time,
-        "train_cpu_seconds": train_cpu,
+        **stats,
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "nll_per_sentence": final.get("eval/nll_per_sentence"),
-        "true_nll_per_sentence": final.get("true_nll_per_sentence"),
         "samples": sample_quality(exp, params, settings, _SAMPLES.value, grammar),
     }
   with open(os.path.join(out_dir, "results.json"), "w") as f:
