@@ -330,3 +330,45 @@ def level_nll(model, tokens, mask, depth, level, path_entropy: Optional[jax.Arra
   logits = model(*canvas_inputs(canvas, length))
   nll = jnp.sum(gap_nll(logits, targets), axis=1)
   return jnp.where(level <= height, nll, 0.0)
+
+
+def level_sweep_nll(model, tokens, mask, depth, level, done):
+  """Teacher-forced NLL of one state of the level *sweep*: float32 [B].
+
+  The sweep is a sequential reading of the same path: at level h the gaps are
+  decided left to right, and each decision sees the depth-h tokens already
+  inserted to its left. State ``(h, j)`` is level h plus the first ``j``
+  depth-h tokens; it decides the gaps from the one after the j-th inserted
+  token's right neighbour up to the gap holding the (j+1)-th depth-h token
+  (or the last gap). Summed over h = 0..H and j = 0..m_h (the depth-h count)
+  it is -log p of the path under one-gap-at-a-time decoding: the same gap
+  targets as `level_nll`'s, with no independence between the gaps of a level.
+  The difference of the two sums is what parallel decoding of a level costs.
+
+  Args:
+    model: an `InsertionTransformer`; tokens, mask, depth: [B, L];
+    level: int [B], the level h; done: int [B], the j of the state.
+
+  Returns:
+    float32 [B]; 0 where ``level`` > height or ``done`` > m_h.
+  """
+  none_id = model.none_id
+  height = noising.tree_height(depth, mask)
+  at_level = (depth == level[:, None]) & mask
+  rank = jnp.cumsum(at_level, axis=1, dtype=jnp.int32) - at_level  # depth-h tokens before
+  keep = (depth < level[:, None]) | (at_level & (rank < done[:, None]))
+  noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
+  logits = model(*canvas_inputs(noised.canvas, noised.length))
+  nll = gap_nll(logits, noised.gap_targets)  # [B, L+1]
+  # A kept token's canvas index, or the canvas gap a dropped token falls in.
+  slot = jnp.cumsum(keep, axis=1, dtype=jnp.int32) - keep
+  last = at_level & (rank == done[:, None] - 1)
+  start = jnp.where(done > 0, jnp.sum(jnp.where(last, slot + 2, 0), axis=1), 0)
+  following = at_level & (rank == done[:, None])
+  end = jnp.where(jnp.any(following, axis=1), jnp.sum(jnp.where(following, slot, 0), axis=1),
+                  noised.length)
+  gap = jnp.arange(nll.shape[1])[None, :]
+  owned = (gap >= start[:, None]) & (gap <= end[:, None])
+  count = jnp.sum(at_level, axis=1)
+  valid = (level <= height) & (done <= count)
+  return jnp.where(valid, jnp.sum(jnp.where(owned, nll, 0.0), axis=1), 0.0)
