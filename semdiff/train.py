@@ -316,12 +316,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointing.save(mgr, step, state, train_iter.get_state())
 
   def evaluate(step) -> dict:
-    ev = evaluator(state["params"], eval_batches)
+    sweep = bool(config.train.eval_sweep) and step >= num_steps
+    ev = evaluator(state["params"], eval_batches, sweep=sweep)
     writer.write(step, ev, prefix="eval/")
     if is_main:
       print(f"eval @ {step}: NLL bound {ev['nll_per_sentence']:.2f} nats/sentence, "
-            f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})",
-            flush=True)
+            f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})"
+            + (f"; level sweep {ev['sweep_nll_per_sentence']:.2f} nats/sentence"
+               if "sweep_nll_per_sentence" in ev else ""), flush=True)
     return {f"eval/{k}": v for k, v in ev.items()}
 
   final = {}
@@ -406,6 +408,8 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
       "summary (validation sentences, grammar corpus)",
       f"  NLL bound per sentence   {final.get('eval/nll_per_sentence', float('nan')):8.2f} nats",
       f"  true entropy (grammar)   {out['true_nll_per_sentence']:8.2f} nats (same sentences)",
+      *([f"  level-sweep NLL bound    {final['eval/sweep_nll_per_sentence']:8.2f} nats "
+         "(the same path, one gap at a time)"] if "eval/sweep_nll_per_sentence" in final else []),
       f"  samples grammatical      {final['samples/grammatical']:8.1%} of "
       f"{int(config.train.num_samples)}",
       f"  mean sample length       {final['samples/sample_length']:8.2f} tokens",
