@@ -1,8 +1,10 @@
 r"""The results table: every model trained on the grammar corpus for the same time, evaluated.
 
-Trains, one after another and for ``--budget_s`` seconds of training each (the step count is
-set by timing a few steps of each model first: `train.fit_to_budget`), on the embedded grammar
-corpus with one shared tokenizer:
+Trains, one after another and for ``--budget_s`` seconds of training each, on the embedded
+grammar corpus with one shared tokenizer. Equal time is counted in CPU time: budget_s x
+``--cores`` CPU-seconds per model, turned into a step count by timing a few steps of each
+model first (`train.fit_to_budget`), so the comparison stays fair when other jobs share the
+machine. The models:
 
   semdiff             the insertion model, `unigram` order
   semdiff_<scorer>    the same with an embedding scorer, when one is registered
@@ -36,7 +38,8 @@ from semdiff import evaluate
 from semdiff import scorers
 from semdiff import train
 
-_BUDGET = flags.DEFINE_float("budget_s", 900.0, "Training seconds per model.")
+_BUDGET = flags.DEFINE_float("budget_s", 900.0, "Training seconds per model on --cores cores.")
+_CORES = flags.DEFINE_integer("cores", os.cpu_count(), "Cores the budget is counted on.")
 _VARIANT = flags.DEFINE_string("variant", "small", "Variant of configs/default.py.")
 _OUT = flags.DEFINE_string("out", "results", "Output folder: README.md, results.json, workdirs.")
 _SAMPLES = flags.DEFINE_integer("samples", 256, "Samples drawn and scored per model.")
@@ -81,12 +84,22 @@ def train_one(name: str, overrides: dict, out_dir: str, tokenizer_path: str) -> 
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
-  steps, per_step = train.fit_to_budget(config, workdir, _BUDGET.value)
-  print(f"== {name}: {per_step:.3f} s/step -> {steps} steps in {_BUDGET.value:.0f} s",
-        flush=True)
-  t = time.time()
+  plan_path = os.path.join(out_dir, "workdirs", f"{name}_plan.json")
+  if os.path.exists(plan_path):  # the step count of an earlier, interrupted run: resume it
+    with open(plan_path) as f:
+      plan = json.load(f)
+    train.set_step_budget(config, plan["steps"])
+  else:
+    steps, per_step = train.fit_to_budget(config, workdir, _BUDGET.value, _CORES.value)
+    plan = {"steps": steps, "seconds_per_step": per_step}
+    with open(plan_path, "w") as f:
+      json.dump(plan, f)
+  print(f"== {name}: {plan['seconds_per_step']:.3f} s/step on {_CORES.value} cores (CPU time) "
+        f"-> {plan['steps']} steps in {_BUDGET.value:.0f} s", flush=True)
+  t, cpu = time.time(), time.process_time()
   train.train_and_evaluate(config, workdir)
-  info = {"steps": steps, "seconds_per_step": per_step, "train_seconds": time.time() - t}
+  info = {**plan, "train_seconds": time.time() - t,
+          "train_cpu_seconds": time.process_time() - cpu}
   os.makedirs(os.path.dirname(done), exist_ok=True)
   with open(done, "w") as f:
     json.dump(info, f)
@@ -107,19 +120,37 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def targets(results: dict) -> list[str]:
+  """Where semdiff stands against the issue's targets (needs the semdiff and ar rows)."""
+  if "semdiff" not in results or "ar" not in results:
+    return []
+  s, a = results["semdiff"], results["ar"]
+  return [
+      "Targets (semdiff, unigram, against AR):", "",
+      f"- sample NLL under the grammar: {s['sample_nll_grammatical']:.2f} vs "
+      f"{a['sample_nll_grammatical']:.2f} nats ({s['sample_nll_grammatical'] / "
+      f"a['sample_nll_grammatical'] - 1:+.1%}; target: within 10%), with "
+      f"{s['calls_per_sample']:.1f} model calls per sample; {s['few_calls_share']:.1%} of "
+      "the samples took at most 2·log2 n + 2 calls",
+      f"- sampling tokens/s at batch 32: {s['tokens_per_s']:,.0f} vs {a['tokens_per_s']:,.0f} "
+      f"({s['tokens_per_s'] / a['tokens_per_s']:.2f}×; target: 3× at n = 128, see "
+      "benchmarks/sampling_throughput.py for n = 128)", ""]
+
+
 def readme(results: dict, command: str) -> str:
   first = next(iter(results.values()))
   return "\n".join([
       "# Results: the grammar corpus, equal training time", "",
       f"Written by `{command}` on {datetime.date.today().isoformat()}.", "",
       f"- machine: {machine()}",
-      f"- budget: {_BUDGET.value:.0f} s of training per model (steps set by timing each "
-      f"model's step first), config `configs/default.py:{_VARIANT.value}`"
+      f"- budget: {_BUDGET.value:.0f} s of training per model on {_CORES.value} cores, counted "
+      "in CPU time (steps set by timing each model's step first), config "
+      f"`configs/default.py:{_VARIANT.value}`"
       + (f" with {', '.join(_SET.value)}" if _SET.value else ""),
       f"- evaluation: `semdiff.evaluate` on the test split ({first['num_sentences']} "
       f"sentences), {first['num_samples']} samples per model at batch "
       f"{first['sampling_batch']}, sampler settings of the config", "",
-      table(results), "",
+      table(results), "", *targets(results),
       "NLL bound and true entropy are nats per sentence on the same test sentences (the bound "
       "is exact for the insertion models, teacher-forcing every level, and for AR; the masked "
       "model's is a Monte-Carlo ELBO estimate). Sample NLL (grammar) is the grammar's exact NLL "
@@ -149,13 +180,13 @@ def main(argv):
                                   num_samples=_SAMPLES.value, batch_size=32,
                                   judge_workdir=judge)
     results[name] = {"label": label, **info, **r}
-    print(f"== {name}: NLL bound {r['nll_per_sentence']:.2f} (true {r['true_nll_per_sentence']:.2f}),"
-          f" {r['grammatical']:.1%} grammatical, {r['calls_per_sample']:.1f} calls, "
+    print(f"== {name}: NLL bound {r['nll_per_sentence']:.2f} "
+          f"(true {r['true_nll_per_sentence']:.2f}), {r['grammatical']:.1%} grammatical, {r['calls_per_sample']:.1f} calls, "
           f"{r['tokens_per_s']:,.0f} tokens/s", flush=True)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   command = "python benchmarks/results.py " + " ".join(
-      [f"--budget_s={_BUDGET.value:g}", f"--variant={_VARIANT.value}",
+      [f"--budget_s={_BUDGET.value:g}", f"--cores={_CORES.value}", f"--variant={_VARIANT.value}",
        f"--samples={_SAMPLES.value}", f"--out={_OUT.value}"]
       + [f"--set={s}" for s in _SET.value]
       + ([f"--models={','.join(_MODELS.value)}"] if _MODELS.value else []))

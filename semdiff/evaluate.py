@@ -152,6 +152,9 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
       "sampling_batch": min(batch_size, num_samples),
       "sample_length": float(drawn["length"].mean()),
       "calls_per_sample": float(drawn["calls"].mean()),
+      # The issue's budget of sequential steps: at most 2·log2 n + 2 model calls.
+      "few_calls_share": float(np.mean(
+          drawn["calls"] <= 2 * np.log2(np.maximum(drawn["length"], 1)) + 2)),
       "tokens_per_s": float(drawn["length"].sum() / max(drawn["seconds"], 1e-9)),
       "samples_per_s": float(len(texts) / max(drawn["seconds"], 1e-9)),
       "sampling_seconds": drawn["seconds"],
@@ -197,6 +200,7 @@ ROWS = (
     ("length_tv", "length TV distance to the data", "{:.3f}"),
     ("sample_length", "mean sample length (tokens)", "{:.2f}"),
     ("calls_per_sample", "model calls per sample", "{:.2f}"),
+    ("few_calls_share", "samples made in <= 2·log2 n + 2 calls", "{:.1%}"),
     ("tokens_per_s", "sampling tokens/s", "{:,.0f}"),
     ("sampling_batch", "sampling batch", "{}"),
     ("num_samples", "samples", "{}"),

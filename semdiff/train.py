@@ -419,45 +419,53 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
   return out
 
 
-def seconds_per_step(config: ml_collections.ConfigDict, workdir: str, steps: int = 8) -> float:
-  """Wall time of one training step of ``config`` (compile excluded), from ``steps`` steps.
+def cpu_seconds_per_step(config: ml_collections.ConfigDict, workdir: str,
+                         steps: int = 20) -> float:
+  """CPU time (all threads) of one training step of ``config``, after compiling.
 
-  Builds the run in ``workdir`` (training its tokenizer there if it has none) but writes no
-  checkpoint; the batches are read before the clock starts.
+  CPU time, not wall time, so that a budget stays fair when other jobs share the machine
+  (they stretch the wall clock, not the CPU time a step needs). The input pipeline runs in
+  the same process and counts, as it does in training. Builds the run in ``workdir``
+  (training its tokenizer there if it has none) but writes no checkpoint.
   """
   exp = build_experiment(config, workdir)
   it = pipeline.train_iterator(config, exp.tokenizer)
-  batches = [sharding.global_batch(next(it), exp.mesh) for _ in range(steps)]
   state = init_state(exp)
   step = make_train_step(exp)
-  state, m = step(state, batches[0])
+  state, m = step(state, sharding.global_batch(next(it), exp.mesh))
   jax.block_until_ready(m)
-  t = time.time()
-  for b in batches[1:]:
-    state, m = step(state, b)
+  t = time.process_time()
+  for _ in range(steps):
+    state, m = step(state, sharding.global_batch(next(it), exp.mesh))
   jax.block_until_ready(m)
-  return (time.time() - t) / (len(batches) - 1)
+  return (time.process_time() - t) / steps
 
 
-def fit_to_budget(config: ml_collections.ConfigDict, workdir: str, budget_s: float,
-                  min_steps: int = 10) -> tuple[int, float]:
-  """Sets ``config.train.num_steps`` so that training takes about ``budget_s`` seconds.
-
-  Times a few steps (`seconds_per_step`) and spreads logging (20 windows), checkpoints (4)
-  and the periodic evaluation and samples (only at the end) over the run, so that runs of
-  different models get the same training time, not the same step count.
-
-  Returns:
-    (num_steps, seconds per step).
-  """
-  per_step = seconds_per_step(config, workdir)
-  steps = max(int(budget_s / per_step), min_steps)
+def set_step_budget(config: ml_collections.ConfigDict, steps: int) -> None:
+  """Trains ``config`` for ``steps`` steps: logging in 20 windows, 4 checkpoints, and the
+  periodic evaluation and samples only at the end (in place)."""
   with config.unlocked():
     config.train.num_steps = steps
     config.train.eval_every = steps
     config.train.sample_every = steps
     config.train.checkpoint_every = max(steps // 4, 1)
     config.train.log_every = max(steps // 20, 1)
+
+
+def fit_to_budget(config: ml_collections.ConfigDict, workdir: str, budget_s: float,
+                  cores: Optional[int] = None, min_steps: int = 10) -> tuple[int, float]:
+  """Sets ``config``'s step count so that training takes ``budget_s`` s on ``cores`` cores.
+
+  The budget is budget_s x cores CPU-seconds, turned into steps with
+  `cpu_seconds_per_step`, so that runs of different models get the same training compute,
+  not the same step count.
+
+  Returns:
+    (num_steps, seconds per step on ``cores`` cores).
+  """
+  per_step = cpu_seconds_per_step(config, workdir) / (cores or os.cpu_count())
+  steps = max(int(budget_s / per_step), min_steps)
+  set_step_budget(config, steps)
   return steps, per_step
 
 
