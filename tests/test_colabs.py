@@ -10,9 +10,9 @@ import glob
 import os
 import time
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 COLABS = os.path.join(ROOT, "colabs")
@@ -62,7 +62,6 @@ def kernel_env(out_dir, workdir=None):
 
 def execute(name, env):
   """Runs notebook ``name`` top to bottom in a fresh kernel from colabs/; returns seconds."""
-  nbclient = pytest.importorskip("nbclient")
   nb = read(name)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": COLABS}})
