@@ -55,10 +55,13 @@ INSERTION_SETTINGS = {
     "confidence 0.5, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.5),
     "confidence 0.8, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.8),
     "confidence 0.95, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.95),
+    "confidence 0.8, T=0.7": dict(_PLAIN, temperature=0.7, confidence=0.8),
+    "all gaps, T=0.7": dict(_PLAIN, temperature=0.7),
     "one gap per step, top-p 0.9": dict(_PLAIN, top_p=0.9, insert_per_step=1),
     "one gap per step, T=1": dict(_PLAIN, insert_per_step=1),
 }
-CAUSAL_SETTINGS = {"T=1": dict(_PLAIN), "top-p 0.9": dict(_PLAIN, top_p=0.9)}
+CAUSAL_SETTINGS = {"T=1": dict(_PLAIN), "top-p 0.9": dict(_PLAIN, top_p=0.9),
+                   "T=0.7": dict(_PLAIN, temperature=0.7)}
 
 
 def sample_quality(exp, params, settings, num, grammar) -> dict:
