@@ -66,10 +66,18 @@ def models() -> dict:
 
 
 def machine() -> str:
+  """CPU model and cores, accelerator devices, jax version, load average."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"{jax.device_count()} x {kind} ({dev.platform}), jax {jax.__version__}")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  return (f"{cpu}, {os.cpu_count()} CPU cores, {jax.device_count()} x {kind} "
+          f"({dev.platform}), jax {jax.__version__}; load average {load:.1f} at the end")
 
 
 def train_one(name: str, overrides: dict, out_dir: str, tokenizer_path: str) -> dict:
