@@ -11,7 +11,8 @@ machine. The models:
   random              the insertion model, random order
   left_to_right       the insertion model, left-to-right order (autoregressive)
   ar                  the causal Transformer of the same size (KV-cache sampling)
-  masked              the masked-diffusion model (sampler.max_steps ancestral steps)
+  masked              the masked-diffusion model (sampler.max_steps ancestral steps, and
+                      the --masked_steps step counts: its quality vs steps)
 
 then evaluates each with `evaluate.evaluate_workdir` (test split; samples at batch 32, the AR
 model as the judge) and writes ``OUT/README.md`` (the table, the machine and the budget),
@@ -44,6 +45,9 @@ _VARIANT = flags.DEFINE_string("variant", "small", "Variant of configs/default.p
 _OUT = flags.DEFINE_string("out", "results", "Output folder: README.md, results.json, workdirs.")
 _SAMPLES = flags.DEFINE_integer("samples", 256, "Samples drawn and scored per model.")
 _MODELS = flags.DEFINE_list("models", [], "Which models (default: all of MODELS).")
+_MASKED_STEPS = flags.DEFINE_list(
+    "masked_steps", ["8", "16"], "Extra sampler.max_steps settings of the masked model "
+    "(quality vs steps; the config's own max_steps is the main row).")
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides for every model, e.g. "
                                  "--set=model.num_layers=2.")
 
@@ -188,6 +192,14 @@ def main(argv):
                                   num_samples=_SAMPLES.value, batch_size=32,
                                   judge_workdir=judge)
     results[name] = {"label": label, **info, **r}
+    if name == "masked":
+      for steps in _MASKED_STEPS.value:
+        extra = evaluate.evaluate_workdir(
+            os.path.join(out_dir, "workdirs", name), num_samples=_SAMPLES.value, batch_size=32,
+            judge_workdir=judge, sampler_overrides={"max_steps": int(steps)}, write=False,
+            bound=False)
+        results[f"masked_T{steps}"] = {**results[name], **extra,
+                                       "label": f"masked diffusion, T = {steps}"}
     print(f"== {name}: NLL bound {r['nll_per_sentence']:.2f} "
           f"(true {r['true_nll_per_sentence']:.2f}), {r['grammatical']:.1%} grammatical, {r['calls_per_sample']:.1f} calls, "
           f"{r['tokens_per_s']:,.0f} tokens/s", flush=True)

@@ -111,7 +111,7 @@ def judge_nll(judge_workdir: str, texts: list[str]) -> dict:
 def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test",
                      batch_size: int = 32, sampler_overrides: Optional[dict] = None,
                      judge_workdir: Optional[str] = None, seed: int = 0,
-                     write: bool = True) -> dict:
+                     write: bool = True, bound: bool = True) -> dict:
   """Evaluates the trained run in ``workdir``; returns (and writes) the results.
 
   Args:
@@ -123,6 +123,7 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
     judge_workdir: optional workdir of a trained causal model that scores the samples.
     seed: sampling seed.
     write: write ``workdir/eval/results.json`` and ``results.md``.
+    bound: compute the NLL bound (False: only the samples, e.g. for other sampler settings).
 
   Returns:
     A flat dict of floats and strings (the keys of `markdown_table`).
@@ -138,7 +139,8 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
   batches = pipeline.eval_batches(config, exp.tokenizer, split)
   evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats,
                                       exp.scorer_cfg)
-  out.update(evaluator(params, batches))
+  if bound:
+    out.update(evaluator(params, batches))
   data_lengths = np.concatenate([b["mask"].sum(axis=1)[b["mask"].any(axis=1)] for b in batches])
   grammar = grammar_lib.default_grammar() if config.data.name == "grammar" else None
   if grammar is not None:
