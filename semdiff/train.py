@@ -30,6 +30,7 @@ from semdiff import model as model_lib
 from semdiff import sampling
 from semdiff import scorers
 from semdiff import sharding
+from semdiff.data import embedding_table
 from semdiff.data import grammar as grammar_lib
 from semdiff.data import pipeline
 from semdiff.data import tokenizer as tokenizer_lib
@@ -75,11 +76,14 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
 
 
+def tokenizer_path(config, workdir: str) -> str:
+  return config.data.tokenizer_path or os.path.join(workdir, "tokenizer", "spm.model")
+
+
 def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, trained in ``<workdir>/tokenizer`` on first use."""
-  path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer", "spm.model")
   return tokenizer_lib.get_tokenizer(
-      path, pipeline.tokenizer_texts(config), vocab_size=int(config.data.vocab_size),
+      tokenizer_path(config, workdir), pipeline.tokenizer_texts(config), vocab_size=int(config.data.vocab_size),
       model_type=config.data.tokenizer_type, max_sentences=int(config.data.tokenizer_sentences),
       is_writer=jax.process_index() == 0)
 
@@ -88,6 +92,26 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
   return scorers.ScoringStats(
       unigram_logprob=jnp.asarray(tok.unigram_logprob()),
       word_start=jnp.asarray(tok.word_start_table))
+
+
+def fixed_embedding(config, workdir: str, tok: tokenizer_lib.Tokenizer):
+  """(table float32 [V, D], idf float32 [V]) from the corpus, cached beside the tokenizer."""
+  return embedding_table.get(
+      tokenizer_path(config, workdir), tok, pipeline.tokenizer_texts(config),
+      dim=int(config.scorer.embedding_dim), window=int(config.scorer.embedding_window),
+      max_sentences=int(config.data.tokenizer_sentences), is_writer=jax.process_index() == 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_embedding(graphdef, params):
+  return jax.lax.stop_gradient(nnx.merge(graphdef, params).token_embedding())
+
+
+def model_stats(exp: "Experiment", params) -> scorers.ScoringStats:
+  """``exp.stats`` holding a snapshot of the model's input embedding (a new buffer, so
+  that donating ``params`` to the next step leaves it alive)."""
+  table = jax.device_put(_token_embedding(exp.graphdef, params), sharding.replicated(exp.mesh))
+  return exp.stats.replace(embedding=table)
 
 
 def loss_fn_for(kind: str):
@@ -111,6 +135,11 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str,
   sampler_cfg = sampling.SamplerConfig.from_config(config.sampler)
   schedule = make_schedule(config)
   optimizer = make_optimizer(config, schedule)
+  stats = scoring_stats(tok)
+  if scorer_cfg.table_source:
+    table, idf = fixed_embedding(config, workdir, tok)
+    stats = stats.replace(idf=jnp.asarray(idf), embedding=(
+        jnp.asarray(table) if scorer_cfg.table_source == "fixed" else None))
 
   abstract_model = nnx.eval_shape(lambda: model_lib.build(config.model_kind, model_cfg))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -121,7 +150,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str,
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
       state_sharding)
   return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tok, model_cfg=model_cfg,
-                    graphdef=graphdef, stats=scoring_stats(tok), scorer_cfg=scorer_cfg,
+                    graphdef=graphdef, stats=stats, scorer_cfg=scorer_cfg,
                     noise_cfg=noise_cfg, sampler_cfg=sampler_cfg, optimizer=optimizer,
                     schedule=schedule, state_sharding=state_sharding,
                     abstract_state=abstract_state)
@@ -143,13 +172,18 @@ def init_state(exp: Experiment) -> dict:
 
 
 def make_train_step(exp: Experiment):
-  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state."""
+  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
+
+  When the scorer reads the model's own embedding (``scorer_cfg.table_source ==
+  "model"``) it is ``train_step(state, batch, stats)``: the loop passes `model_stats`,
+  refreshed every ``scorer.refresh_every`` steps.
+  """
   loss_fn = loss_fn_for(exp.config.model_kind)
-  graphdef, stats = exp.graphdef, exp.stats
+  graphdef, fixed_stats = exp.graphdef, exp.stats
   scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
   optimizer, schedule = exp.optimizer, exp.schedule
 
-  def train_step(state, batch):
+  def train_step(state, batch, stats=fixed_stats):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
     def compute_loss(params):
@@ -164,8 +198,10 @@ def make_train_step(exp: Experiment):
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
             "rng": state["rng"]}, metrics
 
-  batch_sharding = sharding.batch_sharding(exp.mesh)
-  return jax.jit(train_step, in_shardings=(exp.state_sharding, batch_sharding),
+  in_shardings = (exp.state_sharding, sharding.batch_sharding(exp.mesh))
+  if scorer_cfg.table_source == "model":
+    in_shardings += (sharding.replicated(exp.mesh),)
+  return jax.jit(train_step, in_shardings=in_shardings,
                  out_shardings=(exp.state_sharding, sharding.replicated(exp.mesh)),
                  donate_argnums=0)
 
@@ -277,6 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"mesh {dict(exp.mesh.shape)}, steps {start}->{num_steps}", flush=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   train_step = make_train_step(exp)
+  # A scorer on the model's own embedding reads a snapshot refreshed every K steps.
+  refresh = exp.scorer_cfg.table_source == "model"
+  step_stats = ()
   eval_batches = pipeline.eval_batches(config, exp.tokenizer, "validation")
   evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg)
   preempted = _Preempted()
@@ -297,6 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointing.save(mgr, step, state, train_iter.get_state())
 
   def evaluate(step) -> dict:
+    nonlocal evaluator
+    if refresh:  # the trees of the current embedding
+      evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind,
+                                          model_stats(exp, state["params"]), exp.scorer_cfg)
     ev = evaluator(state["params"], eval_batches)
     writer.write(step, ev, prefix="eval/")
     if is_main:
@@ -310,7 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start
     while step < num_steps:
       batch = sharding.global_batch(next(train_iter), exp.mesh)
-      state, step_metrics = train_step(state, batch)
+      if refresh and (not step_stats or step % exp.scorer_cfg.refresh_every == 0):
+        step_stats = (model_stats(exp, state["params"]),)
+      state, step_metrics = train_step(state, batch, *step_stats)
       step += 1
       # Read the previous step's metrics only now, so the device stays busy.
       if pending is not None:
@@ -432,4 +477,6 @@ def load_trained(workdir: str, step: Optional[int] = None,
           state=ocp.args.StandardRestore(exp.abstract_state)))["state"]
   finally:
     mgr.close()
+  if exp.scorer_cfg.table_source == "model":
+    exp.stats = model_stats(exp, state["params"])
   return exp, state["params"]
