@@ -24,6 +24,7 @@ from flax import nnx
 from semdiff import checkpointing
 from semdiff import config_files
 from semdiff import evaluation
+from semdiff import generation
 from semdiff import losses
 from semdiff import metrics as metrics_lib
 from semdiff import model as model_lib
@@ -94,11 +95,12 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
       word_start=jnp.asarray(tok.word_start_table))
 
 
-def fixed_embedding(config, workdir: str, tok: tokenizer_lib.Tokenizer):
+def fixed_embedding(config, workdir: str, tok: tokenizer_lib.Tokenizer,
+                    scorer_cfg: scorers.ScorerConfig):
   """(table float32 [V, D], idf float32 [V]) from the corpus, cached beside the tokenizer."""
   return embedding_table.get(
       tokenizer_path(config, workdir), tok, pipeline.tokenizer_texts(config),
-      dim=int(config.scorer.embedding_dim), window=int(config.scorer.embedding_window),
+      dim=scorer_cfg.embedding_dim, window=scorer_cfg.embedding_window,
       max_sentences=int(config.data.tokenizer_sentences), is_writer=jax.process_index() == 0)
 
 
@@ -137,7 +139,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str,
   optimizer = make_optimizer(config, schedule)
   stats = scoring_stats(tok)
   if scorer_cfg.table_source:
-    table, idf = fixed_embedding(config, workdir, tok)
+    table, idf = fixed_embedding(config, workdir, tok, scorer_cfg)
     stats = stats.replace(idf=jnp.asarray(idf), embedding=(
         jnp.asarray(table) if scorer_cfg.table_source == "fixed" else None))
 
@@ -241,15 +243,13 @@ class _Preempted:
 
 
 def generate(exp: Experiment, params, num: int, rng) -> tuple[sampling.Samples, list[str]]:
-  """``num`` samples from the trained model and their texts."""
-  if exp.config.model_kind == "causal":
-    run = sampling.make_causal_sampler(exp.graphdef, exp.sampler_cfg, num)
-  else:
-    run = sampling.make_sampler(exp.graphdef, exp.sampler_cfg, num)
-  samples = jax.device_get(run(params, rng))
-  texts = [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
-           for i in range(num)]
-  return samples, texts
+  """``num`` samples from the trained model and their texts (``config.sampler`` controls,
+  conditioning included; `semdiff.generate` is the notebook version)."""
+  cfg, tables = exp.sampler_cfg, {}
+  if cfg.uses_embedding and exp.config.model_kind != "causal":
+    tables = dict(zip(("embedding", "idf"), fixed_embedding(exp.config, exp.workdir,
+                                                            exp.tokenizer, exp.scorer_cfg)))
+  return generation.draw(exp, params, cfg, num, rng, **tables)
 
 
 def sample_report(exp: Experiment, params, step: int, writer, *, num: int,
