@@ -254,3 +254,24 @@ def test_conditioning_errors_are_one_line():
   with pytest.raises(ValueError, match="pass embedding="):
     sampling.sample(Stub(_prepend, _basis_table()), jax.random.key(0),
                     sampling.SamplerConfig(epsilon=0.1, embedding_source="fixed"), batch_size=1)
+
+
+def test_generate_from_an_experiment(tmp_path):
+  import semdiff  # pylint: disable=g-import-not-at-top
+  from semdiff import config_files, generation, train  # pylint: disable=g-import-not-at-top
+
+  assert semdiff.generate is generation.generate  # exported lazily
+  exp = train.build_experiment(config_files.load(variant="tiny"), str(tmp_path))
+  params = jax.device_get(train.init_state(exp))["params"]
+  out = semdiff.generate(exp, params, keywords="the dog", num=2, seed=5, max_steps=4,
+                         delta=0.6, temperature=1.0)
+  assert (tmp_path / "tokenizer" / "spm.embedding.npz").exists()  # IDF weights, cached
+  want = exp.tokenizer.encode("the") + exp.tokenizer.encode("dog")
+  for i, rec in enumerate(out.records):
+    assert _is_subsequence(want, out.samples.tokens[i, :rec["length"]].tolist())
+    assert rec["text"] == out.texts[i] and rec["drafts"][0] == "the dog"
+    assert len(rec["steps"]) == rec["calls"]
+    for step in rec["steps"]:
+      assert len(step["inserted"]) == len(step["probs"]) and step["moved"] <= 0.6 + 1e-6
+  with pytest.raises(ValueError, match="Unknown sampler setting.*bogus"):
+    semdiff.generate(exp, params, bogus=1)
