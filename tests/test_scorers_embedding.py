@@ -1,5 +1,7 @@
 """Embedding scorers against slow references, and the fixed corpus table."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +163,25 @@ def test_fixed_table_from_a_corpus_is_cached_and_deterministic(tmp_path):
   np.testing.assert_array_equal(table, again)  # read from the cache, not recomputed
   other, _ = embedding_table.get(model_path, tok, lambda: iter(texts), dim=4, window=2)
   assert other.shape == (tok.vocab_size, 4)  # other settings recompute
+
+
+def test_model_embedding_trains_a_step_on_the_snapshot_of_the_models_table(tmp_path):
+  from semdiff import config_files, sharding, train  # pylint: disable=g-import-not-at-top
+  from semdiff.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  # A copy of the test tokenizer: the IDF weights get cached beside it.
+  for suffix in (".model", ".counts.npy"):
+    shutil.copy(TESTDATA.replace(".model", suffix), tmp_path / f"spm{suffix}")
+  config = config_files.load(variant="tiny", overrides={
+      "scorer.name": "model_embedding", "data.tokenizer_path": str(tmp_path / "spm.model"),
+      "data.tokenizer_sentences": 200})
+  exp = train.build_experiment(config, str(tmp_path))  # the default 8-device mesh
+  assert exp.stats.embedding is None and exp.stats.idf is not None
+  state = train.init_state(exp)
+  stats = train.model_stats(exp, state["params"])
+  np.testing.assert_array_equal(
+      np.asarray(stats.embedding), np.asarray(state["params"]["backbone"]["embed"][...]))
+  batch = sharding.global_batch(next(pipeline.train_iterator(config, exp.tokenizer)), exp.mesh)
+  state, metrics = train.make_train_step(exp)(state, batch, stats)
+  assert np.isfinite(float(metrics["loss"]))
+  assert np.isfinite(np.asarray(stats.embedding)).all()  # the snapshot outlives the donation
