@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from semdiff import config_files
 from semdiff import generation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by python -m semdiff.main.")
@@ -42,25 +43,13 @@ flags.mark_flag_as_required("workdir")
 
 
 def parse_set(items) -> dict:
-  """["sampler.tau=0.3", ...] -> {"tau": "0.3"} (values typed by `SamplerConfig`)."""
+  """["sampler.tau=0.3", ...] -> {"sampler.tau": "0.3"} for `config_files.apply_overrides`."""
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
     if not sep or not key.startswith("sampler."):
       raise ValueError(f"--set={item!r} must look like sampler.FIELD=VALUE "
                        "(e.g. --set=sampler.confidence=0.5).")
-    out[key[len("sampler."):]] = value
-  return out
-
-
-def typed(exp, overrides: dict) -> dict:
-  """String values converted to the type of the config field they replace."""
-  out = {}
-  for key, value in overrides.items():
-    current = exp.config.sampler.get(key)
-    if isinstance(value, str) and current is not None and not isinstance(current, str):
-      value = (value.lower() in ("1", "true", "yes") if isinstance(current, bool)
-               else type(current)(value))
     out[key] = value
   return out
 
@@ -72,9 +61,9 @@ def main(argv):
   try:
     from semdiff import train  # pylint: disable=g-import-not-at-top
     exp, params = train.load_trained(_WORKDIR.value, step=_STEP.value)
+    config_files.apply_overrides(exp.config, parse_set(_SET.value))
     overrides = dict(tau=_TAU.value, epsilon=_EPSILON.value, delta=_DELTA.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-    overrides.update(typed(exp, parse_set(_SET.value)))
     out = generation.generate(exp, params, keywords=_KEYWORDS.value, prompt=_PROMPT.value,
                               infill=_INFILL.value, num=_NUM.value, seed=_SEED.value,
                               **overrides)
