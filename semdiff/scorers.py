@@ -13,6 +13,13 @@ jitted training step. `significance` wraps any scorer with the parts they share:
 * **ranks**: the result is the rank of each token (0 = least significant), so
   the scores handed to `noising.insertion_depth` are exactly distinct.
 
+The embedding scorers (`embedding_loo`, `embedding_greedy`, `model_embedding`)
+measure significance as semantic change: how far deleting a unit moves the
+sentence embedding E (IDF-weighted mean of ``stats.embedding``, cosine distance).
+Which table ``stats.embedding`` holds is the caller's business
+(`ScorerConfig.table_source`): the fixed corpus table, or a snapshot of the
+model's input embedding that the training loop refreshes.
+
 Adding a scorer is one function with the `ScoreFn` signature plus one
 `@register` line.
 """
