@@ -84,7 +84,8 @@ def tokenizer_path(config, workdir: str) -> str:
 def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, trained in ``<workdir>/tokenizer`` on first use."""
   return tokenizer_lib.get_tokenizer(
-      tokenizer_path(config, workdir), pipeline.tokenizer_texts(config), vocab_size=int(config.data.vocab_size),
+      tokenizer_path(config, workdir), pipeline.tokenizer_texts(config),
+      vocab_size=int(config.data.vocab_size),
       model_type=config.data.tokenizer_type, max_sentences=int(config.data.tokenizer_sentences),
       is_writer=jax.process_index() == 0)
 
@@ -318,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_stats = ()
   eval_batches = pipeline.eval_batches(config, exp.tokenizer, "validation")
   evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg)
+  if refresh:  # trees of the current parameters' embedding
+    evaluator = functools.partial(_evaluate_on_own_table, exp)
   preempted = _Preempted()
   old_handler = signal.signal(signal.SIGTERM, preempted)
   progress = metrics_lib.Progress(start, num_steps)
@@ -336,10 +339,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointing.save(mgr, step, state, train_iter.get_state())
 
   def evaluate(step) -> dict:
-    nonlocal evaluator
-    if refresh:  # the trees of the current embedding
-      evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind,
-                                          model_stats(exp, state["params"]), exp.scorer_cfg)
     ev = evaluator(state["params"], eval_batches)
     writer.write(step, ev, prefix="eval/")
     if is_main:
@@ -420,6 +419,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, old_handler)
     mgr.close()
     writer.close()
+
+
+def _evaluate_on_own_table(exp: Experiment, params, batches, **kwargs) -> dict:
+  """`evaluation.NllEvaluator` with the trees of ``params``' own input embedding."""
+  return evaluation.NllEvaluator(exp.graphdef, exp.config.model_kind, model_stats(exp, params),
+                                 exp.scorer_cfg)(params, batches, **kwargs)
 
 
 def _grammar_summary(config, exp, eval_batches, final) -> dict:
