@@ -36,8 +36,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from semdiff import model as model_lib
 from semdiff import noising
 from semdiff import scorers
+from semdiff.data import embedding_table
 from semdiff.data import grammar as grammar_lib
 from semdiff.data import pipeline
 from semdiff.data import tokenizer as tokenizer_lib
@@ -201,8 +203,18 @@ def main(argv):
     tok = get_tokenizer(config)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"tree_heights: error: {e}")
+  scorer_cfg = scorers.ScorerConfig.from_config(config.scorer)
+  # The embedding scorers' tables: the fixed corpus table (as the job builds it), and for
+  # model_embedding the input embedding of an untrained model of the config's size.
+  table, idf = embedding_table.compute(
+      tok, pipeline.tokenizer_texts(config)(), dim=scorer_cfg.embedding_dim,
+      window=scorer_cfg.embedding_window, max_sentences=int(config.data.tokenizer_sentences))
   stats = scorers.ScoringStats(unigram_logprob=jnp.asarray(tok.unigram_logprob()),
-                               word_start=jnp.asarray(tok.word_start_table))
+                               word_start=jnp.asarray(tok.word_start_table),
+                               embedding=jnp.asarray(table), idf=jnp.asarray(idf))
+  untrained = model_lib.build(config.model_kind, model_lib.ModelConfig.from_config(
+      config.model, tok.vocab_size), seed=int(config.seed))
+  model_stats = stats.replace(embedding=untrained.token_embedding())
   # The examples the training job evaluates on: same sentences, same encoding and length cut.
   texts = pipeline.texts(config, "validation", num)
   encode = pipeline.Encode(tok, int(config.data.max_len))
@@ -220,7 +232,13 @@ def main(argv):
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     entropy = pool.submit(grammar_lib.entropy_estimate, "validation", num=num,
                           seed=int(config.data.seed))
-    measured = all_heights(tokens, mask, jax.random.key(int(config.seed)), stats, cfgs)
+    by_cfg = {}
+    for on_model in (False, True):
+      group = tuple(c for c in cfgs if (c.table_source == "model") == on_model)
+      if group:
+        by_cfg.update(zip(group, all_heights(tokens, mask, jax.random.key(int(config.seed)),
+                                             model_stats if on_model else stats, group)))
+    measured = np.stack([by_cfg[c] for c in cfgs])
     est = entropy.result()
 
   lines = ["# Tree heights on the grammar corpus", ""]
@@ -230,7 +248,11 @@ def main(argv):
     table = dict(zip(names, measured[i * len(names):(i + 1) * len(names)]))
     lines += [""] + height_table(config, n, table, word_level)
   lines += ["", f"`mix` = {1 - config.scorer.mix_weight:g}·{config.scorer.mix_base} + "
-            f"{config.scorer.mix_weight:g}·balanced (normalised ranks). Heights count insertion "
+            f"{config.scorer.mix_weight:g}·balanced (normalised ranks). `embedding_loo` and "
+            f"`embedding_greedy` use the fixed corpus table (PPMI + SVD, d="
+            f"{scorer_cfg.embedding_dim}, window {scorer_cfg.embedding_window}); "
+            "`model_embedding` the input embedding of an untrained model (training refreshes "
+            "it). Heights count insertion "
             f"steps, not the final all-`none` step. Measured in {time.time() - t0:.0f} s "
             f"({jax.devices()[0].platform})."]
   report = "\n".join(lines) + "\n"

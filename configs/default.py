@@ -67,6 +67,12 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.scorer.mix_base = "unigram"     # for name="mix": blended with "balanced"
   c.scorer.mix_weight = 0.5
   c.scorer.tiebreak_seed = 0
+  # Table of embedding_loo / embedding_greedy: "fixed" (PPMI + SVD of the corpus's token
+  # co-occurrences, cached beside the tokenizer) or "model" (the model's input embedding).
+  c.scorer.embedding_source = "fixed"
+  c.scorer.refresh_every = 100      # model table (model_embedding): steps between snapshots
+  c.scorer.embedding_dim = 64       # fixed table: width
+  c.scorer.embedding_window = 4     # fixed table: co-occurrence window, tokens each side
 
   c.noise = ml_collections.ConfigDict()
   c.noise.frontier_prob = 0.5       # share of partial-level (frontier) training states
@@ -116,6 +122,16 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
   c.sampler.insert_fraction = 1.0   # confident-first: share of wanting gaps that insert
   c.sampler.confidence = 0.0        # confident-first: gaps with p >= this insert (>= 1 a step)
+  # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
+  # measured as 1 - cos between consecutive drafts:
+  c.sampler.epsilon = 0.0           # stop when a step moves E by less than this (0 = off)
+  c.sampler.delta = -1.0            # creativity: a step moves E by at most this (< 0 = off)
+  c.sampler.embedding_source = "model"  # E's table: "model" (input embedding) or "fixed"
+  # Conditioning (also flags of semdiff.sample): keywords kept in order, a fixed prompt
+  # prefix, or a partial text whose "___" marks the only gaps that may grow.
+  c.sampler.keywords = ""
+  c.sampler.prompt = ""
+  c.sampler.infill = ""
   c.sampler.max_steps = 48
   c.sampler.max_len = 48            # canvas capacity in tokens
 

@@ -6,11 +6,31 @@ i moves right by the number of insertions in gaps 0..i, the token inserted into
 gap g lands at g + (insertions in gaps 0..g-1). The loop (`lax.while_loop`)
 stops per example when no gap inserts, or at the step or length cap.
 
+Every control lives inside that loop:
+
+* conditioning: a start canvas (keywords: insertion never removes or reorders
+  anything, so they stay, in order) and a per-gap ``open_gaps`` mask: a prompt
+  prefix closes the gaps before and inside it, an infilling template opens only
+  its marked gaps; a gap made by inserting into an open gap is open.
+* stopping: every gap ``none``; ``tau`` (no gap's choice is probable enough);
+  ``epsilon`` (the step moved the sentence embedding by less); the step and
+  length caps.
+* creativity ``delta``: a step may move the sentence embedding of a non-empty
+  draft by at most delta; the least confident insertions are dropped until it fits.
+* randomness is per example: example b's draw at step t uses
+  ``fold_in(keys[b], t)``, so an example comes out the same in any batch.
+
+The sentence embedding E is the IDF-weighted mean of a token table (the model's
+input embedding, or the fixed corpus table), as for the `embedding_*` scorers;
+"moved" is the cosine distance 1 - cos between E of consecutive drafts (1 from
+an empty draft to a non-empty one).
+
 Shapes: ``B`` batch, ``C`` canvas capacity (max tokens), ``G = C + 1`` gaps,
 ``S`` recorded steps (``max_steps + 1`` drafts).
 """
 
 import dataclasses
+import re
 from typing import NamedTuple, Optional
 
 import jax
@@ -19,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from semdiff import losses
+from semdiff import scorers
 from semdiff.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
@@ -47,6 +68,15 @@ class SamplerConfig:
       neighbours have been filled in.
     max_steps: cap on insertion steps.
     max_len: canvas capacity C (tokens).
+    epsilon: semantic stop: an example stops after a step that moved its
+      sentence embedding by less than epsilon (0 = off).
+    delta: creativity: a step may move the sentence embedding of a non-empty
+      draft by at most delta (the least confident insertions are dropped until
+      it fits; 0 = nothing is ever added to a non-empty start; < 0 = off).
+    embedding_source: the table of the sentence embedding: "model" (the
+      model's input embedding) or "fixed" (pass ``embedding=`` to `sample`).
+    keywords, prompt, infill: conditioning texts, turned into the start canvas
+      and open gaps by `conditioning` (the compiled loop never reads them).
   """
 
   temperature: float = 1.0
@@ -59,6 +89,17 @@ class SamplerConfig:
   confidence: float = 0.0
   max_steps: int = 64
   max_len: int = 64
+  epsilon: float = 0.0
+  delta: float = -1.0
+  embedding_source: str = "model"
+  keywords: str = ""
+  prompt: str = ""
+  infill: str = ""
+
+  @property
+  def uses_embedding(self) -> bool:
+    """Whether the loop needs the sentence embedding (epsilon or delta on)."""
+    return self.epsilon > 0 or self.delta >= 0
 
   @classmethod
   def from_config(cls, config, **overrides) -> "SamplerConfig":
@@ -70,6 +111,14 @@ class SamplerConfig:
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:
       raise ValueError(f"sampler.insert_fraction must be in (0, 1], got {cfg.insert_fraction}.")
+    if cfg.embedding_source not in ("model", "fixed"):
+      raise ValueError(f"sampler.embedding_source must be 'model' or 'fixed', got "
+                       f"{cfg.embedding_source!r}.")
+    if cfg.epsilon < 0:
+      raise ValueError(f"sampler.epsilon must be >= 0 (0 = off), got {cfg.epsilon}.")
+    if cfg.infill and (cfg.keywords or cfg.prompt):
+      raise ValueError("sampler.infill fixes the whole canvas: drop sampler.keywords and "
+                       "sampler.prompt, or put them into the infill text.")
     return cfg
 
 
@@ -84,6 +133,12 @@ class Samples(NamedTuple):
     drafts: int32 [S, B, C], the canvas after each step (draft 0 = the start).
     draft_length: int32 [S, B].
     inserted_logprob: float32 [B], sum of log-probabilities of the choices made.
+    inserted: int32 [S, B, G], per step k >= 1, the token inserted into gap g of
+      draft k - 1, or -1 (row 0, the start, is all -1). None for the causal sampler.
+    inserted_prob: float32 [S, B, G], the probability (temperature 1) of each
+      inserted token, 0 elsewhere.
+    moved: float32 [S, B], the cosine distance between E of drafts k - 1 and k
+      (0 for row 0 and steps not taken; all 0 when no table was available).
   """
 
   tokens: jax.Array
@@ -92,6 +147,9 @@ class Samples(NamedTuple):
   drafts: jax.Array
   draft_length: jax.Array
   inserted_logprob: jax.Array
+  inserted: Optional[jax.Array] = None
+  inserted_prob: Optional[jax.Array] = None
+  moved: Optional[jax.Array] = None
 
 
 def _filter_logits(logits, cfg: SamplerConfig):
@@ -132,8 +190,11 @@ def insert(canvas: jax.Array, length: jax.Array, choice: jax.Array, do_insert: j
   return new, length + jnp.sum(ins, axis=1)
 
 
-def _step(model, canvas, length, rng, cfg: SamplerConfig):
-  """One insertion step's choices: (choice [B,G], do_insert [B,G], logprob [B,G])."""
+def _step(model, canvas, length, keys, cfg: SamplerConfig):
+  """One insertion step's choices: (choice [B,G], do_insert [B,G], logprob [B,G]).
+
+  ``keys``: [B] PRNG keys, one per example.
+  """
   none_id = model.none_id
   batch, cap = canvas.shape
   logits = model(*losses.canvas_inputs(canvas, length))  # [B, C+1, V+1]
@@ -145,7 +206,7 @@ def _step(model, canvas, length, rng, cfg: SamplerConfig):
     choice = jnp.argmax(logits, axis=-1)
   else:
     filtered = _filter_logits(logits / cfg.temperature, cfg)
-    choice = jax.random.categorical(rng, filtered, axis=-1)
+    choice = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, filtered)
   chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
   gap = jnp.arange(cap + 1)[None, :]
   allowed = gap <= length[:, None]
@@ -182,17 +243,104 @@ def insertion_limit(wanted, confident, cfg: SamplerConfig):
   return jnp.maximum(limit, 1)
 
 
+def update_open_gaps(open_gaps: jax.Array, do_insert: jax.Array) -> jax.Array:
+  """The open-gap mask after `insert`: bool [B, G] -> [B, G].
+
+  Old gap g lands at g + (insertions in gaps 0..g-1); when it inserted, the gap
+  after its new token inherits its (open) state too.
+  """
+  batch, gaps = open_gaps.shape
+  ins = do_insert.astype(jnp.int32)
+  dest = jnp.arange(gaps)[None, :] + jnp.cumsum(ins, axis=1) - ins
+  rows = jnp.arange(batch)[:, None]
+  new = jnp.zeros_like(open_gaps).at[rows, dest].set(open_gaps, mode="drop")
+  return new.at[rows, jnp.where(do_insert, dest + 1, gaps)].set(True, mode="drop")
+
+
+def sentence_sum(canvas, length, table, weights) -> jax.Array:
+  """float32 [B, D]: sum of weights[t]·table[t] over each canvas's tokens.
+
+  E (the weighted mean) is this over the weights' sum; cosine distances only need the sum.
+  """
+  real = jnp.arange(canvas.shape[1])[None, :] < length[:, None]
+  w = jnp.where(real, jnp.take(weights, canvas, axis=0), 0.0)
+  return jnp.einsum("bc,bcd->bd", w, jnp.take(table, canvas, axis=0))
+
+
+def _distance(a, b):
+  """Cosine distance between rows of a and b ([..., D])."""
+  return scorers.cosine_distance(jnp.sum(a * b, -1), jnp.sum(a * a, -1), jnp.sum(b * b, -1))
+
+
+def fit_delta(do_insert, confidence, vectors, prev_sum, delta):
+  """Drops the least confident insertions until the step moves E by at most ``delta``.
+
+  Args:
+    do_insert: bool [B, G]; confidence: float [B, G] (the chosen tokens' log-probs);
+    vectors: float32 [B, G, D], weight·embedding of each gap's choice;
+    prev_sum: float32 [B, D], `sentence_sum` of the draft before the step.
+
+  Returns:
+    bool [B, G]: the largest most-confident-first prefix of the insertions whose
+    distance 1 - cos(E before, E after) is <= delta (possibly none).
+  """
+  score = jnp.where(do_insert, confidence, -jnp.inf)
+  order = jnp.argsort(-score, axis=1)  # the order keep_most_confident keeps in
+  vectors = jnp.where(do_insert[..., None], vectors, 0.0)
+  ranked = jnp.take_along_axis(vectors, order[..., None], axis=1)
+  sums = prev_sum[:, None, :] + jnp.concatenate(
+      [jnp.zeros_like(ranked[:, :1]), jnp.cumsum(ranked, axis=1)], axis=1)  # [B, G+1, D]
+  dist = _distance(prev_sum[:, None, :], sums)  # after keeping the top k, k = 0..G
+  k = jnp.arange(sums.shape[1])[None, :]
+  fits = (dist <= delta) & (k <= jnp.sum(do_insert, axis=1, keepdims=True))
+  limit = jnp.max(jnp.where(fits, k, 0), axis=1)
+  kept, _ = keep_most_confident(do_insert, confidence, limit)
+  return kept
+
+
+def _example_keys(rng: jax.Array, batch_size: int) -> jax.Array:
+  """[B] keys: ``rng`` itself when it holds one key per example, else fold_in(rng, b)."""
+  if rng.shape == (batch_size,):
+    return rng
+  if rng.shape != ():
+    raise ValueError(f"rng must be one key or {batch_size} keys (one per example), got shape "
+                     f"{rng.shape}.")
+  return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch_size))
+
+
+def sentence_table(model, cfg: SamplerConfig, embedding: Optional[jax.Array]):
+  """The [V, D] table of the sentence embedding, or None where there is none to use."""
+  if cfg.embedding_source == "fixed":
+    table = embedding
+  else:
+    table = model.token_embedding() if hasattr(model, "token_embedding") else None
+  if table is None and cfg.uses_embedding:
+    raise ValueError(
+        f"sampler.epsilon/delta need a sentence-embedding table: with "
+        f"sampler.embedding_source={cfg.embedding_source!r} "
+        + ("pass embedding= (the fixed corpus table)." if cfg.embedding_source == "fixed"
+           else "the model must have token_embedding()."))
+  return None if table is None else jax.lax.stop_gradient(table).astype(jnp.float32)
+
+
 def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
-           start: Optional[jax.Array] = None, start_length: Optional[jax.Array] = None) -> Samples:
+           start: Optional[jax.Array] = None, start_length: Optional[jax.Array] = None,
+           open_gaps: Optional[jax.Array] = None, embedding: Optional[jax.Array] = None,
+           idf: Optional[jax.Array] = None) -> Samples:
   """Generate by parallel insertion (pure; jit it with the model split out).
 
   Args:
     model: an `InsertionTransformer`.
-    rng: PRNG key.
+    rng: a PRNG key, or [B] keys (one per example: example b then comes out the
+      same whatever the batch; a single key gives example b ``fold_in(rng, b)``).
     cfg: sampler controls (static).
     batch_size: B.
-    start: optional int [B, C] starting canvases (keywords), left-aligned.
+    start: optional int [B, C] starting canvases (keywords, prompt), left-aligned.
     start_length: int [B] tokens in ``start``.
+    open_gaps: optional bool [B, C+1], the gaps of ``start`` that may insert
+      (default: all). See `conditioning`.
+    embedding: float [V, D], the fixed table (``cfg.embedding_source="fixed"``).
+    idf: float [V], token weights of the sentence embedding (default: all 1).
 
   Returns:
     `Samples`.
@@ -201,57 +349,149 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
   if start is None:
     start = jnp.full((batch_size, cap), PAD_ID, jnp.int32)
     start_length = jnp.zeros((batch_size,), jnp.int32)
-  drafts = jnp.zeros((cfg.max_steps + 1, batch_size, cap), jnp.int32).at[0].set(start)
-  draft_len = jnp.zeros((cfg.max_steps + 1, batch_size), jnp.int32).at[0].set(start_length)
-  init = dict(canvas=start.astype(jnp.int32), length=start_length.astype(jnp.int32),
+  if open_gaps is None:
+    open_gaps = jnp.ones((batch_size, cap + 1), bool)
+  table = sentence_table(model, cfg, embedding)
+  if table is not None:
+    weights = (jnp.ones((table.shape[0],), jnp.float32) if idf is None
+               else jnp.asarray(idf, jnp.float32))
+
+    def embed_sum(canvas, length):
+      return sentence_sum(canvas, length, table, weights)
+  else:
+    def embed_sum(canvas, length):
+      return jnp.zeros((canvas.shape[0], 1), jnp.float32)
+  start = start.astype(jnp.int32)
+  start_length = start_length.astype(jnp.int32)
+  steps = cfg.max_steps + 1
+  drafts = jnp.zeros((steps, batch_size, cap), jnp.int32).at[0].set(start)
+  draft_len = jnp.zeros((steps, batch_size), jnp.int32).at[0].set(start_length)
+  init = dict(canvas=start, length=start_length,
               done=jnp.zeros((batch_size,), bool), calls=jnp.zeros((batch_size,), jnp.int32),
-              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0), rng=rng,
-              drafts=drafts, draft_len=draft_len)
+              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
+              keys=_example_keys(rng, batch_size), open=jnp.asarray(open_gaps, bool),
+              sum=embed_sum(start, start_length), drafts=drafts, draft_len=draft_len,
+              inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
+              inserted_prob=jnp.zeros((steps, batch_size, cap + 1), jnp.float32),
+              moved=jnp.zeros((steps, batch_size), jnp.float32))
 
   def cond(s):
     return (s["step"] < cfg.max_steps) & ~jnp.all(s["done"])
 
   def body(s):
-    rng, key = jax.random.split(s["rng"])
-    choice, do_insert, chosen_logp = _step(model, s["canvas"], s["length"], key, cfg)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
+    choice, do_insert, chosen_logp = _step(model, s["canvas"], s["length"], keys, cfg)
     active = ~s["done"]
-    do_insert &= active[:, None]
+    do_insert &= active[:, None] & s["open"]
     wanted = jnp.sum(do_insert, axis=1)
     confident = jnp.sum(do_insert & (chosen_logp >= jnp.log(max(cfg.confidence, 1e-30))), axis=1)
     do_insert, _ = keep_most_confident(do_insert, chosen_logp,
                                        insertion_limit(wanted, confident, cfg))
     # Never overflow the canvas: drop the least confident insertions that don't fit.
     do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
+    if cfg.delta >= 0:
+      # Creativity cap, for drafts that already say something (E of nothing is undefined).
+      ids = jnp.minimum(choice, table.shape[0] - 1)
+      vectors = weights[ids][..., None] * table[ids]
+      fitted = fit_delta(do_insert, chosen_logp, vectors, s["sum"], cfg.delta)
+      do_insert = jnp.where((s["length"] > 0)[:, None], fitted, do_insert)
     canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
+    new_sum = embed_sum(canvas, length)
+    moved = jnp.where(active, _distance(s["sum"], new_sum), 0.0)
     inserted_any = jnp.any(do_insert, axis=1)
     done = s["done"] | ~inserted_any | overflow | (length >= cap)
+    if cfg.epsilon > 0:
+      done |= moved < cfg.epsilon
     step = s["step"] + 1
     return dict(
         canvas=canvas, length=length, done=done,
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(do_insert, chosen_logp, 0.0), axis=1),
-        step=step, rng=rng,
+        step=step, keys=s["keys"], open=update_open_gaps(s["open"], do_insert), sum=new_sum,
         drafts=s["drafts"].at[step].set(canvas),
-        draft_len=s["draft_len"].at[step].set(length))
+        draft_len=s["draft_len"].at[step].set(length),
+        inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
+        inserted_prob=s["inserted_prob"].at[step].set(
+            jnp.where(do_insert, jnp.exp(chosen_logp), 0.0)),
+        moved=s["moved"].at[step].set(moved))
 
   out = jax.lax.while_loop(cond, body, init)
   # Steps never taken repeat the final canvas, so drafts[-1] is always the result.
-  taken = jnp.arange(cfg.max_steps + 1) <= out["step"]
+  taken = jnp.arange(steps) <= out["step"]
   drafts = jnp.where(taken[:, None, None], out["drafts"], out["canvas"][None])
   draft_len = jnp.where(taken[:, None], out["draft_len"], out["length"][None])
   return Samples(tokens=out["canvas"], length=out["length"], calls=out["calls"],
-                 drafts=drafts, draft_length=draft_len, inserted_logprob=out["logprob"])
+                 drafts=drafts, draft_length=draft_len, inserted_logprob=out["logprob"],
+                 inserted=out["inserted"], inserted_prob=out["inserted_prob"],
+                 moved=out["moved"])
 
 
 def make_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
-  """A jitted ``fn(params, rng, start=None, start_length=None) -> Samples``."""
+  """A jitted ``fn(params, rng, start=None, start_length=None, open_gaps=None,
+  embedding=None, idf=None) -> Samples`` (arguments as `sample`'s)."""
 
   @jax.jit
-  def run(params, rng, start=None, start_length=None):
+  def run(params, rng, start=None, start_length=None, open_gaps=None, embedding=None,
+          idf=None):
     model = nnx.merge(graphdef, params)
-    return sample(model, rng, cfg, batch_size=batch_size, start=start, start_length=start_length)
+    return sample(model, rng, cfg, batch_size=batch_size, start=start, start_length=start_length,
+                  open_gaps=open_gaps, embedding=embedding, idf=idf)
 
   return run
+
+
+GAP_MARK = re.compile(r"_{3,}")
+
+
+class Conditioning(NamedTuple):
+  """Start of generation: canvases int32 [B, C], lengths int32 [B], open gaps bool [B, C+1]."""
+
+  start: jax.Array
+  start_length: jax.Array
+  open_gaps: jax.Array
+
+
+def conditioning(encode, cap: int, batch_size: int, *, keywords: str = "", prompt: str = "",
+                 infill: str = "") -> Conditioning:
+  """The start canvas and open gaps for keywords, a prompt, or an infilling template.
+
+  Args:
+    encode: text -> token ids (the tokenizer's ``encode``).
+    cap: canvas capacity C.
+    batch_size: B (every example gets the same conditioning).
+    keywords: words (whitespace-separated) that start the canvas, in order; each
+      word is encoded on its own.
+    prompt: a fixed prefix: it starts the canvas (before the keywords) and the
+      gaps before and inside it are closed, so it is never changed.
+    infill: a partial text whose marks (three or more underscores, e.g.
+      ``"the ___ sleeps"``) are the only gaps that may insert.
+  """
+  ids, open_at = [], None
+  if infill:
+    if keywords or prompt:
+      raise ValueError("An infilling template fixes the whole canvas: drop the keywords and "
+                       "the prompt, or write them into the template.")
+    pieces = GAP_MARK.split(infill)
+    if len(pieces) == 1:
+      raise ValueError(f"The infilling template {infill!r} has no gap: mark each gap with ___ "
+                       "(e.g. 'the ___ sleeps').")
+    open_at = []
+    for k, text in enumerate(pieces):
+      if k:
+        open_at.append(len(ids))
+      if text.strip():
+        ids += list(encode(text.strip()))
+  else:
+    prompt_ids = list(encode(prompt.strip())) if prompt.strip() else []
+    ids = prompt_ids + [i for word in keywords.split() for i in encode(word)]
+  start, start_length = keyword_canvas([ids] * batch_size, cap)
+  gaps = np.arange(cap + 1)
+  if open_at is not None:
+    open_row = np.isin(gaps, open_at)
+  else:
+    open_row = gaps >= (len(prompt_ids) if prompt.strip() else 0)
+  open_gaps = jnp.asarray(np.broadcast_to(open_row, (batch_size, cap + 1)))
+  return Conditioning(start, start_length, open_gaps)
 
 
 def keyword_canvas(keyword_ids: list[list[int]], cap: int):

@@ -13,6 +13,13 @@ jitted training step. `significance` wraps any scorer with the parts they share:
 * **ranks**: the result is the rank of each token (0 = least significant), so
   the scores handed to `noising.insertion_depth` are exactly distinct.
 
+The embedding scorers (`embedding_loo`, `embedding_greedy`, `model_embedding`)
+measure significance as semantic change: how far deleting a unit moves the
+sentence embedding E (IDF-weighted mean of ``stats.embedding``, cosine distance).
+Which table ``stats.embedding`` holds is the caller's business
+(`ScorerConfig.table_source`): the fixed corpus table, or a snapshot of the
+model's input embedding that the training loop refreshes.
+
 Adding a scorer is one function with the `ScoreFn` signature plus one
 `@register` line.
 """
@@ -166,6 +173,102 @@ def balanced(tokens, mask, units, rng, stats):
   return -balanced_depth(units.index, units.count).astype(jnp.float32)
 
 
+# --- embedding scorers ------------------------------------------------------------------------
+# E(x) = IDF-weighted mean of token embeddings. The cosine distance is scale-free, so the
+# scorers work with the weighted *sum* S = sum_i w_i e_i: removing unit u leaves S - c_u, with
+# c_u the sum of its pieces' w_i e_i. Zero vectors (an empty sentence, or ids whose rows are 0)
+# get distance 0 to each other and 1 to anything else.
+
+EMBEDDING_SCORERS = ("embedding_loo", "embedding_greedy", "model_embedding")
+
+
+def cosine_distance(dot: jax.Array, sq_a: jax.Array, sq_b: jax.Array) -> jax.Array:
+  """1 - cos(a, b) from a.b, |a|^2 and |b|^2 (any matching shapes), float32."""
+  tiny = jnp.float32(1e-12)
+  zero_a, zero_b = sq_a <= tiny, sq_b <= tiny
+  cos = dot / jnp.sqrt(jnp.maximum(sq_a, tiny) * jnp.maximum(sq_b, tiny))
+  dist = 1.0 - jnp.clip(cos, -1.0, 1.0)
+  return jnp.where(zero_a & zero_b, 0.0, jnp.where(zero_a | zero_b, 1.0, dist))
+
+
+def token_weights(tokens: jax.Array, mask: jax.Array, idf: Optional[jax.Array]) -> jax.Array:
+  """float32 [B, L]: each real token's weight in E (its IDF, or 1 without IDF), 0 on padding."""
+  w = jnp.ones(tokens.shape, jnp.float32) if idf is None else jnp.take(idf, tokens, axis=0)
+  return jnp.where(mask, w, 0.0)
+
+
+def unit_contributions(tokens, mask, units: Units, stats: ScoringStats) -> jax.Array:
+  """float32 [B, U=L, D]: sum of w_i e_i over the pieces of each unit (0 past the last unit)."""
+  if stats.embedding is None:
+    raise ValueError("The embedding scorers need a token-embedding table in ScoringStats."
+                     "embedding: set --config.scorer.embedding_source=fixed (the corpus "
+                     "table) or =model.")
+  table = jax.lax.stop_gradient(stats.embedding).astype(jnp.float32)
+  weighted = token_weights(tokens, mask, stats.idf)[..., None] * jnp.take(table, tokens, axis=0)
+  length = tokens.shape[1]
+  one_hot = (units.index[:, :, None] == jnp.arange(length)[None, None, :]) & mask[:, :, None]
+  return jnp.einsum("blu,bld->bud", one_hot.astype(jnp.float32), weighted)
+
+
+def _per_unit_to_positions(per_unit: jax.Array, units: Units) -> jax.Array:
+  return jnp.take_along_axis(per_unit, units.index, axis=1)
+
+
+@register("embedding_loo")
+def embedding_loo(tokens, mask, units, rng, stats):
+  """1 - cos(E(x), E(x without unit u)): all leave-one-outs in O(n·d)."""
+  del rng
+  c = unit_contributions(tokens, mask, units, stats)  # [B, U, D]
+  s = jnp.sum(c, axis=1)  # [B, D]
+  sq_s = jnp.sum(s * s, axis=-1, keepdims=True)  # [B, 1]
+  s_dot_c = jnp.einsum("bd,bud->bu", s, c)
+  sq_c = jnp.sum(c * c, axis=-1)
+  # |S - c|^2 = |S|^2 - 2 S.c + |c|^2 and S.(S - c) = |S|^2 - S.c.
+  dist = cosine_distance(sq_s - s_dot_c, sq_s, jnp.maximum(sq_s - 2 * s_dot_c + sq_c, 0.0))
+  return _per_unit_to_positions(dist, units)
+
+
+@register("model_embedding")
+def model_embedding(tokens, mask, units, rng, stats):
+  """`embedding_loo` on the model's own input embedding (the training loop puts a
+  stop-gradient snapshot of it in ``stats.embedding``, refreshed every
+  ``scorer.refresh_every`` steps)."""
+  return embedding_loo(tokens, mask, units, rng, stats)
+
+
+@register("embedding_greedy")
+def embedding_greedy(tokens, mask, units, rng, stats):
+  """Greedy deletion order: repeatedly delete the unit whose removal moves E the least.
+
+  Score = the step at which the unit is deleted (later = more significant); ties go
+  to the lowest unit index. One `lax.fori_loop` over L steps, vectorised over the
+  batch; each step is O(U) given the units' Gram matrix (computed once, O(U²·d)).
+  """
+  del rng
+  c = unit_contributions(tokens, mask, units, stats)  # [B, U, D]
+  batch, length = tokens.shape
+  gram = jnp.einsum("bud,bvd->buv", c, c)  # [B, U, U]
+  sq_c = jnp.diagonal(gram, axis1=1, axis2=2)
+  alive = jnp.arange(length)[None, :] < units.count[:, None]  # [B, U]
+  order = jnp.zeros((batch, length), jnp.float32)
+  rows = jnp.arange(batch)
+
+  def body(t, carry):
+    alive, order = carry
+    # S.c_u and |S|^2 of the surviving units, recomputed (not updated) so that rounding
+    # does not accumulate over the steps: O(U^2) per step.
+    s_dot_c = jnp.einsum("buv,bv->bu", gram, alive.astype(jnp.float32))
+    sq_s = jnp.sum(jnp.where(alive, s_dot_c, 0.0), axis=1, keepdims=True)
+    dist = cosine_distance(sq_s - s_dot_c, sq_s, jnp.maximum(sq_s - 2 * s_dot_c + sq_c, 0.0))
+    pick = jnp.argmin(jnp.where(alive, dist, jnp.inf), axis=1)  # [B]
+    live = jnp.any(alive, axis=1)
+    order = order.at[rows, pick].set(jnp.where(live, t.astype(jnp.float32), order[rows, pick]))
+    return alive.at[rows, pick].set(False), order
+
+  _, order = jax.lax.fori_loop(0, length, body, (alive, order))
+  return _per_unit_to_positions(order, units)
+
+
 def make_units(tokens: jax.Array, mask: jax.Array, word_start: Optional[jax.Array]) -> Units:
   """Token units, or word units when ``word_start`` [V] is given."""
   length = tokens.shape[1]
@@ -220,6 +323,12 @@ class ScorerConfig:
     mix_base: the scorer that ``mix`` blends with ``balanced``.
     mix_weight: weight of ``balanced`` in ``mix`` (0 = base only, 1 = balanced).
     tiebreak_seed: seed of the per-example tie-breaking jitter.
+    embedding_source: the table of ``embedding_loo`` / ``embedding_greedy``:
+      "fixed" (PPMI + SVD of corpus co-occurrences, `data.embedding_table`) or
+      "model" (the model's input embedding, as ``model_embedding`` always uses).
+    refresh_every: steps between refreshes of the model-embedding snapshot.
+    embedding_dim: width of the fixed table.
+    embedding_window: co-occurrence window (tokens each side) of the fixed table.
   """
 
   name: str = "unigram"
@@ -227,8 +336,25 @@ class ScorerConfig:
   mix_base: str = "unigram"
   mix_weight: float = 0.5
   tiebreak_seed: int = 0
+  embedding_source: str = "fixed"
+  refresh_every: int = 100
+  embedding_dim: int = 64
+  embedding_window: int = 4
+
+  @property
+  def table_source(self) -> Optional[str]:
+    """Which table ``stats.embedding`` must hold: "fixed", "model", or None (no table)."""
+    name = self.mix_base if self.name == "mix" else self.name
+    if name == "model_embedding":
+      return "model"
+    return self.embedding_source if name in EMBEDDING_SCORERS else None
 
   def validate(self) -> "ScorerConfig":
+    if self.embedding_source not in ("fixed", "model"):
+      raise ValueError(f"scorer.embedding_source must be 'fixed' or 'model', got "
+                       f"{self.embedding_source!r}.")
+    if self.refresh_every < 1:
+      raise ValueError(f"scorer.refresh_every must be >= 1, got {self.refresh_every}.")
     if self.name == "mix":
       get(self.mix_base)
       if not 0.0 <= self.mix_weight <= 1.0:

@@ -24,12 +24,14 @@ from flax import nnx
 from semdiff import checkpointing
 from semdiff import config_files
 from semdiff import evaluation
+from semdiff import generation
 from semdiff import losses
 from semdiff import metrics as metrics_lib
 from semdiff import model as model_lib
 from semdiff import sampling
 from semdiff import scorers
 from semdiff import sharding
+from semdiff.data import embedding_table
 from semdiff.data import grammar as grammar_lib
 from semdiff.data import pipeline
 from semdiff.data import tokenizer as tokenizer_lib
@@ -75,11 +77,15 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
 
 
+def tokenizer_path(config, workdir: str) -> str:
+  return config.data.tokenizer_path or os.path.join(workdir, "tokenizer", "spm.model")
+
+
 def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, trained in ``<workdir>/tokenizer`` on first use."""
-  path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer", "spm.model")
   return tokenizer_lib.get_tokenizer(
-      path, pipeline.tokenizer_texts(config), vocab_size=int(config.data.vocab_size),
+      tokenizer_path(config, workdir), pipeline.tokenizer_texts(config),
+      vocab_size=int(config.data.vocab_size),
       model_type=config.data.tokenizer_type, max_sentences=int(config.data.tokenizer_sentences),
       is_writer=jax.process_index() == 0)
 
@@ -92,6 +98,27 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
 
 LOSSES = {"insertion": losses.insertion_loss, "causal": losses.ar_loss,
           "masked": losses.masked_loss}
+
+
+def fixed_embedding(config, workdir: str, tok: tokenizer_lib.Tokenizer,
+                    scorer_cfg: scorers.ScorerConfig):
+  """(table float32 [V, D], idf float32 [V]) from the corpus, cached beside the tokenizer."""
+  return embedding_table.get(
+      tokenizer_path(config, workdir), tok, pipeline.tokenizer_texts(config),
+      dim=scorer_cfg.embedding_dim, window=scorer_cfg.embedding_window,
+      max_sentences=int(config.data.tokenizer_sentences), is_writer=jax.process_index() == 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_embedding(graphdef, params):
+  return jax.lax.stop_gradient(nnx.merge(graphdef, params).token_embedding())
+
+
+def model_stats(exp: "Experiment", params) -> scorers.ScoringStats:
+  """``exp.stats`` holding a snapshot of the model's input embedding (a new buffer, so
+  that donating ``params`` to the next step leaves it alive)."""
+  table = jax.device_put(_token_embedding(exp.graphdef, params), sharding.replicated(exp.mesh))
+  return exp.stats.replace(embedding=table)
 
 
 def loss_fn_for(kind: str):
@@ -115,6 +142,11 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str,
   sampler_cfg = sampling.SamplerConfig.from_config(config.sampler)
   schedule = make_schedule(config)
   optimizer = make_optimizer(config, schedule)
+  stats = scoring_stats(tok)
+  if scorer_cfg.table_source:
+    table, idf = fixed_embedding(config, workdir, tok, scorer_cfg)
+    stats = stats.replace(idf=jnp.asarray(idf), embedding=(
+        jnp.asarray(table) if scorer_cfg.table_source == "fixed" else None))
 
   abstract_model = nnx.eval_shape(lambda: model_lib.build(config.model_kind, model_cfg))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -125,7 +157,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str,
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
       state_sharding)
   return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tok, model_cfg=model_cfg,
-                    graphdef=graphdef, stats=scoring_stats(tok), scorer_cfg=scorer_cfg,
+                    graphdef=graphdef, stats=stats, scorer_cfg=scorer_cfg,
                     noise_cfg=noise_cfg, sampler_cfg=sampler_cfg, optimizer=optimizer,
                     schedule=schedule, state_sharding=state_sharding,
                     abstract_state=abstract_state)
@@ -147,13 +179,18 @@ def init_state(exp: Experiment) -> dict:
 
 
 def make_train_step(exp: Experiment):
-  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state."""
+  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
+
+  When the scorer reads the model's own embedding (``scorer_cfg.table_source ==
+  "model"``) it is ``train_step(state, batch, stats)``: the loop passes `model_stats`,
+  refreshed every ``scorer.refresh_every`` steps.
+  """
   loss_fn = loss_fn_for(exp.config.model_kind)
-  graphdef, stats = exp.graphdef, exp.stats
+  graphdef, fixed_stats = exp.graphdef, exp.stats
   scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
   optimizer, schedule = exp.optimizer, exp.schedule
 
-  def train_step(state, batch):
+  def train_step(state, batch, stats=fixed_stats):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
     def compute_loss(params):
@@ -168,8 +205,10 @@ def make_train_step(exp: Experiment):
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
             "rng": state["rng"]}, metrics
 
-  batch_sharding = sharding.batch_sharding(exp.mesh)
-  return jax.jit(train_step, in_shardings=(exp.state_sharding, batch_sharding),
+  in_shardings = (exp.state_sharding, sharding.batch_sharding(exp.mesh))
+  if scorer_cfg.table_source == "model":
+    in_shardings += (sharding.replicated(exp.mesh),)
+  return jax.jit(train_step, in_shardings=in_shardings,
                  out_shardings=(exp.state_sharding, sharding.replicated(exp.mesh)),
                  donate_argnums=0)
 
@@ -230,9 +269,16 @@ def decode_samples(exp: Experiment, samples: sampling.Samples) -> list[str]:
 
 
 def generate(exp: Experiment, params, num: int, rng) -> tuple[sampling.Samples, list[str]]:
-  """``num`` samples from the trained model and their texts."""
-  samples = jax.device_get(sampler_for(exp, num)(params, rng))
-  return samples, decode_samples(exp, samples)
+  """``num`` samples from the trained model and their texts (``config.sampler`` controls,
+  conditioning included; `semdiff.generate` is the notebook version)."""
+  if exp.config.model_kind != "insertion":
+    samples = jax.device_get(sampler_for(exp, num)(params, rng))
+    return samples, decode_samples(exp, samples)
+  cfg, tables = exp.sampler_cfg, {}
+  if cfg.uses_embedding and exp.config.model_kind != "causal":
+    tables = dict(zip(("embedding", "idf"), fixed_embedding(exp.config, exp.workdir,
+                                                            exp.tokenizer, exp.scorer_cfg)))
+  return generation.draw(exp, params, cfg, num, rng, **tables)
 
 
 def sample_report(exp: Experiment, params, step: int, writer, *, num: int,
@@ -296,8 +342,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"mesh {dict(exp.mesh.shape)}, steps {start}->{num_steps}", flush=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   train_step = make_train_step(exp)
+  # A scorer on the model's own embedding reads a snapshot refreshed every K steps.
+  refresh = exp.scorer_cfg.table_source == "model"
+  step_stats = ()
   eval_batches = pipeline.eval_batches(config, exp.tokenizer, "validation")
   evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg)
+  if refresh:  # trees of the current parameters' embedding
+    evaluator = functools.partial(_evaluate_on_own_table, exp)
   preempted = _Preempted()
   old_handler = signal.signal(signal.SIGTERM, preempted)
   progress = metrics_lib.Progress(start, num_steps)
@@ -331,7 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start
     while step < num_steps:
       batch = sharding.global_batch(next(train_iter), exp.mesh)
-      state, step_metrics = train_step(state, batch)
+      if refresh and (not step_stats or step % exp.scorer_cfg.refresh_every == 0):
+        step_stats = (model_stats(exp, state["params"]),)
+      state, step_metrics = train_step(state, batch, *step_stats)
       step += 1
       # Read the previous step's metrics only now, so the device stays busy.
       if pending is not None:
@@ -396,6 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, old_handler)
     mgr.close()
     writer.close()
+
+
+def _evaluate_on_own_table(exp: Experiment, params, batches, **kwargs) -> dict:
+  """`evaluation.NllEvaluator` with the trees of ``params``' own input embedding."""
+  return evaluation.NllEvaluator(exp.graphdef, exp.config.model_kind, model_stats(exp, params),
+                                 exp.scorer_cfg)(params, batches, **kwargs)
 
 
 def _grammar_summary(config, exp, eval_batches, final) -> dict:
@@ -500,4 +559,6 @@ def load_trained(workdir: str, step: Optional[int] = None,
           state=ocp.args.StandardRestore(exp.abstract_state)))["state"]
   finally:
     mgr.close()
+  if exp.scorer_cfg.table_source == "model":
+    exp.stats = model_stats(exp, state["params"])
   return exp, state["params"]
