@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -33,7 +34,11 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any
   """(step, state, data_state) of the newest readable checkpoint, or None.
 
   A checkpoint that fails to read (e.g. truncated files) is reported and the
-  next older one is tried; if none can be read, one clear error says so.
+  next older one is tried; if none can be read, one clear error says so. A
+  checkpoint that reads but holds other arrays than ``abstract_state`` (another
+  parameter structure or shape: a config change that `check_run_config` does
+  not know) raises a ValueError saying "config mismatch" at once, since older
+  checkpoints of the same run would not match either.
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   errors = []
@@ -43,6 +48,12 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       return step, restored["state"], restored["data"]
     except Exception as e:  # pylint: disable=broad-except
+      mismatch = _structure_mismatch(mgr, step, abstract_state)
+      if mismatch:
+        raise ValueError(
+            f"config mismatch: the checkpoint at step {step} in {mgr.directory} holds other "
+            f"arrays than this run's config builds ({mismatch}); resume with the config the "
+            f"run was trained with (its config.json), or start a new --workdir.") from e
       msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
       logging.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, msg)
       errors.append((step, msg))
@@ -51,6 +62,45 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any
         f"No readable checkpoint in {mgr.directory}: steps {[s for s, _ in errors]} all failed "
         f"(newest: {errors[0][1]}). Delete the broken step folders or start a new --workdir.")
   return None
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple]:
+  """{"params/backbone/embed": shape, ...} of a state or its checkpoint metadata."""
+  def name(key):
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(n for n in map(name, path) if n != "value"): tuple(leaf.shape)
+          for path, leaf in flat}
+
+
+def _structure_mismatch(mgr: ocp.CheckpointManager, step: int, abstract_state: Any
+                        ) -> Optional[str]:
+  """What differs between the saved state's arrays and ``abstract_state``, or None.
+
+  None also when the checkpoint's metadata cannot be read: that checkpoint is
+  broken, not mismatched.
+  """
+  try:
+    saved = _shapes_by_path(mgr.item_metadata(step)["state"].tree)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  wanted = _shapes_by_path(abstract_state)
+  if saved == wanted:
+    return None
+  only_saved = sorted(set(saved) - set(wanted))
+  only_wanted = sorted(set(wanted) - set(saved))
+  if only_saved or only_wanted:
+    parts = []
+    if only_saved:
+      parts.append(f"{len(only_saved)} arrays only in the checkpoint, e.g. {only_saved[0]}")
+    if only_wanted:
+      parts.append(f"{len(only_wanted)} only in this run, e.g. {only_wanted[0]}")
+    return "; ".join(parts)
+  path = next(p for p in sorted(wanted) if saved[p] != wanted[p])
+  return f"{path} has shape {saved[path]} in the checkpoint but {wanted[path]} in this run"
 
 
 def check_run_config(workdir: str, config_json: dict) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from semdiff import checkpointing
 from semdiff import config_files
@@ -95,14 +96,23 @@ def loss_fn_for(kind: str):
 
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str,
-                     tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> Experiment:
-  """Validates the config and builds the pieces of a run (no training)."""
+                     tokenizer: Optional[tokenizer_lib.Tokenizer] = None,
+                     devices: Optional[list] = None) -> Experiment:
+  """Validates the config and builds the pieces of a run (no training).
+
+  Args:
+    config: the run's config (``model.vocab_size`` is set from the tokenizer).
+    workdir: where a tokenizer is trained when ``config.data.tokenizer_path`` is "".
+    tokenizer: a loaded tokenizer, instead of the configured one.
+    devices: the devices of the mesh (default: all of ``jax.devices()``).
+  """
   if config.model_kind not in model_lib.MODELS:
     raise ValueError(f"Unknown model_kind {config.model_kind!r}; choose one of "
                      f"{sorted(model_lib.MODELS)}.")
   scorer_cfg = scorers.ScorerConfig.from_config(config.scorer)
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch(int(config.train.batch_size), mesh)
+  mesh = sharding.make_mesh(config, devices=devices)
+  sharding.check_batch(int(config.train.batch_size), mesh,
+                       grad_accum_steps=int(config.train.grad_accum_steps))
   tok = tokenizer or load_tokenizer(config, workdir)
   with config.unlocked():
     config.model.vocab_size = tok.vocab_size
@@ -142,24 +152,81 @@ def init_state(exp: Experiment) -> dict:
   return init()
 
 
+# Metrics of a loss function that are not sums over the batch (every other one is):
+# normalised by the gap count, or a mean over examples.
+_PER_GAP_METRICS = ("loss", "embed_distance")
+_PER_EXAMPLE_METRICS = ("mean_height",)
+
+
 def make_train_step(exp: Experiment):
-  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state."""
+  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
+
+  With ``train.grad_accum_steps`` A > 1 the batch is split into A micro-batches
+  (micro-batch i holds rows i, i + A, i + 2A, ..., so every device keeps a share
+  of each), a `jax.lax.scan` runs forward and backward on one micro-batch at a
+  time (activation memory of B / A examples) and one optimizer update follows.
+  Both losses are a sum over gaps divided by the gap count, so the scan adds up
+  the un-normalised gradients, gap sums and gap counts and divides once at the
+  end: the update is the gradient of the loss over all the micro-batches'
+  gaps, as one batch holding them would give. Micro-batch i draws its training
+  states with ``fold_in(step_rng, i)`` and packs them into ``ceil(pack_rows /
+  A)`` rows, so the insertion model's states are other draws than at A = 1
+  (same distribution); a loss without randomness (the causal model) gets the
+  A = 1 update to float tolerance.
+  """
   loss_fn = loss_fn_for(exp.config.model_kind)
   graphdef, stats = exp.graphdef, exp.stats
   scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
   optimizer, schedule = exp.optimizer, exp.schedule
+  accum = int(exp.config.train.grad_accum_steps)
+  micro_noise_cfg = dataclasses.replace(noise_cfg, pack_rows=-(-noise_cfg.pack_rows // accum))
+  micro_sharding = NamedSharding(exp.mesh, P(None, sharding.BATCH_AXES))
 
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
+  def batch_grads(params, batch, rng):
     def compute_loss(params):
       model = nnx.merge(graphdef, params)
       return loss_fn(model, batch["tokens"], batch["mask"], rng, stats, scorer_cfg, noise_cfg)
 
-    (_, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
+    (_, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+    return grads, metrics
+
+  def accumulated_grads(params, batch, rng):
+    def split(x):  # [B, ...] -> [A, B / A, ...]
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def micro_step(grad_sum, xs):
+      index, tokens, mask = xs
+
+      def summed_loss(params):
+        model = nnx.merge(graphdef, params)
+        loss, metrics = loss_fn(model, tokens, mask, jax.random.fold_in(rng, index), stats,
+                                scorer_cfg, micro_noise_cfg)
+        # The gap count does not depend on the parameters: scaling by it un-normalises.
+        return loss * jnp.maximum(metrics["gap_count"], 1.0), metrics
+
+      (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+      weight = jnp.maximum(metrics["gap_count"], 1.0)
+      metrics = dict(metrics, **{k: metrics[k] * weight for k in _PER_GAP_METRICS})
+      return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    xs = (jnp.arange(accum), split(batch["tokens"]), split(batch["mask"]))
+    grad_sum, per_micro = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), xs)
+    metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_micro)
+    gaps = jnp.maximum(metrics["gap_count"], 1.0)
+    metrics.update({k: metrics[k] / gaps for k in _PER_GAP_METRICS})
+    metrics.update({k: metrics[k] / accum for k in _PER_EXAMPLE_METRICS})
+    return jax.tree.map(lambda g: g / gaps, grad_sum), metrics
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    if accum == 1:
+      grads, metrics = batch_grads(state["params"], batch, rng)
+    else:
+      grads, metrics = accumulated_grads(state["params"], batch, rng)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state["step"]))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
             "rng": state["rng"]}, metrics
