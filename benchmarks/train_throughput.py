@@ -12,9 +12,11 @@ prints a Markdown table:
                 noising -- plus canvas building and packing; causal: `losses.ar_inputs`) on
                 the same batch, divided by the step time;
   MFU           6 * parameters * positions per step / step time, over a peak measured here
-                with a 2048^3 float32 matmul (attention FLOPs are left out, so this is a
-                model-FLOPs estimate, not hardware utilisation).
+                with a 2048^3 matmul in the row's compute dtype (attention FLOPs are left
+                out, so this is a model-FLOPs estimate, not hardware utilisation).
 
+Rows: semdiff and AR in float32, then semdiff with bfloat16 compute (`model.dtype`;
+parameters and optimizer state stay float32), unless ``--bfloat16=false``.
 Then the ratios: semdiff tokens/s / AR tokens/s, and semdiff's scoring + noising share.
 
   python benchmarks/train_throughput.py [--steps=8] [--tokenizer=PATH/spm.model]
@@ -53,12 +55,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per model (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "A trained .model file; '' trains one.")
-_KINDS = ("insertion", "causal")
+_BFLOAT16 = flags.DEFINE_bool("bfloat16", True, "Also time semdiff with bfloat16 compute.")
+# (model kind, compute dtype) of each row; the first two are the ratio's.
+_ROWS = (("insertion", "float32"), ("causal", "float32"), ("insertion", "bfloat16"))
 
 
-def measure_peak_flops(n: int = 2048, repeats: int = 8) -> float:
-  """FLOP/s of a jitted n^3 float32 matmul (best of ``repeats``)."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+def measure_peak_flops(n: int = 2048, repeats: int = 8, dtype: str = "float32") -> float:
+  """FLOP/s of a jitted n^3 matmul in ``dtype`` (best of ``repeats``)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), dtype)
   mm = jax.jit(lambda x, y: x @ y)
   mm(a, a).block_until_ready()
   best = min(_timed(lambda: mm(a, a).block_until_ready()) for _ in range(repeats))
@@ -92,9 +96,10 @@ def input_prep_fn(exp):
   return jax.jit(prep, in_shardings=(sharding.batch_sharding(exp.mesh),) * 2 + (None,))
 
 
-def bench_kind(config, kind: str, tok, workdir: str) -> dict:
+def bench_kind(config, kind: str, dtype: str, tok, workdir: str) -> dict:
   config = config.copy_and_resolve_references()
   config.model_kind = kind
+  config.model.dtype = dtype
   exp = train.build_experiment(config, workdir, tokenizer=tok)
   state = train.init_state(exp)
   num_params = model_lib.count_params(state["params"])
@@ -126,7 +131,7 @@ def bench_kind(config, kind: str, tok, workdir: str) -> dict:
     prep_times.append(_timed(lambda b=b: jax.block_until_ready(
         prep(b["tokens"], b["mask"], rng))))
   step_time = statistics.median(times)
-  return {"kind": kind, "params": num_params, "step_time": step_time,
+  return {"kind": kind, "dtype": dtype, "params": num_params, "step_time": step_time,
           "tokens_per_s": statistics.mean(tokens) / step_time,
           "positions": statistics.mean(positions),
           "prep_time": statistics.median(prep_times),
@@ -144,28 +149,36 @@ def main(argv):
     else:
       print("training the tokenizer ...", file=sys.stderr, flush=True)
       tok = train.load_tokenizer(config, workdir)
-    peak = measure_peak_flops()
-    rows = [bench_kind(config, kind, tok, workdir) for kind in _KINDS]
+    kinds = _ROWS if _BFLOAT16.value else _ROWS[:2]
+    dtypes = sorted({dtype for _, dtype in kinds})
+    peak = {dtype: measure_peak_flops(dtype=dtype) for dtype in dtypes}
+    rows = [bench_kind(config, kind, dtype, tok, workdir) for kind, dtype in kinds]
     # The best of two measurements: a shared machine's peak drifts with its load.
-    peak = max(peak, measure_peak_flops())
+    peak = {dtype: max(peak[dtype], measure_peak_flops(dtype=dtype)) for dtype in dtypes}
 
   devices = jax.devices()
   print(f"\n{config.get('variant', '?')} config, batch {config.train.batch_size}, "
         f"max_len {config.data.max_len}, {len(devices)} x {devices[0].device_kind}, "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s, {_STEPS.value} timed steps\n")
+        f"matmul peak {', '.join(f'{d} {p / 1e9:.0f}' for d, p in peak.items())} GFLOP/s, "
+        f"{_STEPS.value} timed steps\n")
   print("| model | params | step time (s) | tokens/s | positions/step | "
         "scoring+noising (s) | share of step | MFU |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
-    mfu = 6.0 * r["params"] * r["positions"] / r["step_time"] / peak
+    mfu = 6.0 * r["params"] * r["positions"] / r["step_time"] / peak[r["dtype"]]
     name = "semdiff (insertion)" if r["kind"] == "insertion" else "AR (causal)"
+    if r["dtype"] != "float32":
+      name += f", {r['dtype']}"
     print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['step_time']:.3f} | "
           f"{r['tokens_per_s']:,.0f} | {r['positions']:,.0f} | {r['prep_time']:.4f} | "
           f"{r['prep_share']:.1%} | {mfu:.1%} |")
-  ins, ar = rows
+  ins, ar = rows[:2]
   print(f"\nsemdiff tokens/s / AR tokens/s = {ins['tokens_per_s'] / ar['tokens_per_s']:.2f}; "
         f"semdiff scoring+noising share of the step = {ins['prep_share']:.1%} "
         f"(AR input preparation: {ar['prep_share']:.1%}).")
+  if len(rows) > 2:
+    print(f"semdiff bfloat16 tokens/s / float32 tokens/s = "
+          f"{rows[2]['tokens_per_s'] / ins['tokens_per_s']:.2f}.")
 
 
 if __name__ == "__main__":

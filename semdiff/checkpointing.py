@@ -8,18 +8,43 @@ complete step. The run's config (with the tokenizer's vocabulary size) sits in
 restore is attempted.
 """
 
+import itertools
 import json
 import os
-from typing import Any, Optional
+import signal
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 
+# Test hook (tests/test_faults.py): with SEMDIFF_TEST_KILL_IN_SAVE=N the process SIGKILLs
+# itself during its N-th checkpoint save, in orbax's background thread once the files are
+# written and before the temporary folder is renamed to the step's: a save that never
+# completed. Unset (any real run), the manager is built without it.
+KILL_IN_SAVE_ENV = "SEMDIFF_TEST_KILL_IN_SAVE"
+
+
+def _kill_in_save_hook() -> Optional[Callable[[], None]]:
+  """The `AsyncOptions.post_finalization_callback` of the test hook, or None."""
+  nth = int(os.environ.get(KILL_IN_SAVE_ENV) or 0)
+  if nth <= 0:
+    return None
+  saves = itertools.count(1)
+
+  def hook():
+    if next(saves) == nth:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  return hook
+
+
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
+  hook = _kill_in_save_hook()
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=True,
+      async_options=ocp.AsyncOptions(post_finalization_callback=hook) if hook else None)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
 
@@ -97,7 +122,7 @@ def _structure_mismatch(mgr: ocp.CheckpointManager, step: int, abstract_state: A
     if only_saved:
       parts.append(f"{len(only_saved)} arrays only in the checkpoint, e.g. {only_saved[0]}")
     if only_wanted:
-      parts.append(f"{len(only_wanted)} only in this run, e.g. {only_wanted[0]}")
+      parts.append(f"{len(only_wanted)} arrays only in this run, e.g. {only_wanted[0]}")
     return "; ".join(parts)
   path = next(p for p in sorted(wanted) if saved[p] != wanted[p])
   return f"{path} has shape {saved[path]} in the checkpoint but {wanted[path]} in this run"

@@ -218,11 +218,11 @@ def test_resuming_an_incompatible_model_is_refused(tiny_run, override, message):
           os.path.getmtime(os.path.join(workdir, "config.json"))) == before
 
 
-def run_main(workdir, *flags, timeout=300):
+def run_main(workdir, *flags, timeout=300, env=None):
   """``python -m semdiff.main --workdir=WORKDIR FLAGS`` from the repository root."""
   return subprocess.run(
       [sys.executable, "-m", "semdiff.main", f"--workdir={workdir}", *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_child_env())
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or _child_env())
 
 
 def _child_env():
