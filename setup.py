@@ -29,6 +29,11 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex==0.1.92"],
+        "test": [
+            "pytest>=8", "pytest-xdist>=3.5", "chex==0.1.92",
+            # tests/test_colabs.py runs the notebooks of colabs/ in a Jupyter kernel; the
+            # notebooks plot with matplotlib (never imported by the library itself).
+            "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2",
+        ],
     },
 )

@@ -1,11 +1,18 @@
-r"""Quality vs sequential steps: semdiff against a same-size AR model, equal time.
+r"""Quality vs sequential steps: semdiff against a same-size AR model, equal compute.
 
 Trains the causal baseline and the insertion model on the grammar corpus for
-the same wall-clock budget each (same config otherwise, so the same parameter
+the same training time each (same config otherwise, so the same parameter
 count up to the gap head), then samples both under several sampler settings
 and prints a table: fraction of grammatical samples, the samples' NLL under
-the grammar (the true judge), mean model calls and length. A PNG plots the
-fraction grammatical against mean model calls.
+the grammar (the true judge), mean model calls and length, and the share of
+samples made in at most 2·log2 n + 2 model calls. A PNG plots the fraction
+grammatical against mean model calls.
+
+Equal time is counted in CPU time, not wall time: ``--budget_s`` seconds on
+``--cores`` cores is a budget of budget_s x cores CPU-seconds per model, turned
+into a step count from the CPU time of a few timed steps. So the comparison
+stays fair when other jobs share the machine (they stretch the wall clock,
+not the CPU time a step needs).
 
   python benchmarks/quality_vs_steps.py --budget_s=900 --out=results/quality
 """
@@ -20,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from semdiff import config_files
 from semdiff import evaluation
 from semdiff import sampling
 from semdiff import sharding
@@ -27,56 +35,51 @@ from semdiff import train
 from semdiff.data import grammar as grammar_lib
 from semdiff.data import pipeline
 
-_BUDGET = flags.DEFINE_float("budget_s", 900.0, "Training seconds per model.")
+_BUDGET = flags.DEFINE_float("budget_s", 900.0, "Training seconds per model on --cores cores.")
+_CORES = flags.DEFINE_integer("cores", os.cpu_count(), "Cores the budget is counted on.")
 _VARIANT = flags.DEFINE_string("variant", "small", "Config variant of configs/default.py.")
 _OUT = flags.DEFINE_string("out", "results/quality", "Output folder (workdirs, table, plot).")
 _SAMPLES = flags.DEFINE_integer("num_samples", 256, "Samples per sampler setting.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides for the insertion model, e.g. --set=noise.frontier_prob=0.5.")
 _MODELS = flags.DEFINE_list("models", ["causal", "insertion"], "Which models to train.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Output folders of earlier runs whose results.json join this table (e.g. the "
+    "two models trained side by side in two processes).")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+# Every setting states all the knobs it uses, so none inherits the config's sampler.
+_PLAIN = {"temperature": 1.0, "top_p": 1.0, "insert_fraction": 1.0, "insert_per_step": 0,
+          "confidence": 0.0}
 INSERTION_SETTINGS = {
-    "all gaps, T=1": {},
-    "all gaps, top-p 0.9": {"top_p": 0.9},
-    "half the gaps, top-p 0.9": {"top_p": 0.9, "insert_fraction": 0.5},
-    "quarter of the gaps, top-p 0.9": {"top_p": 0.9, "insert_fraction": 0.25},
-    "one gap per step, top-p 0.9": {"top_p": 0.9, "insert_per_step": 1},
+    "all gaps, T=1": dict(_PLAIN),
+    "all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9),
+    "half the gaps, top-p 0.9": dict(_PLAIN, top_p=0.9, insert_fraction=0.5),
+    "confidence 0.5, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.5),
+    "confidence 0.8, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.8),
+    "confidence 0.95, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.95),
+    "confidence 0.8, T=0.7": dict(_PLAIN, temperature=0.7, confidence=0.8),
+    "all gaps, T=0.7": dict(_PLAIN, temperature=0.7),
+    "one gap per step, top-p 0.9": dict(_PLAIN, top_p=0.9, insert_per_step=1),
+    "one gap per step, T=1": dict(_PLAIN, insert_per_step=1),
 }
-CAUSAL_SETTINGS = {"T=1": {}, "top-p 0.9": {"top_p": 0.9}}
+CAUSAL_SETTINGS = {"T=1": dict(_PLAIN), "top-p 0.9": dict(_PLAIN, top_p=0.9),
+                   "T=0.7": dict(_PLAIN, temperature=0.7)}
 
 
-def load_config(variant):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs/default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-def apply(config, key, value):
-  node = config
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
-
-
-def seconds_per_step(config, workdir) -> float:
-  """Times a few training steps (after compiling) of ``config``."""
+def cpu_seconds_per_step(config, workdir) -> float:
+  """CPU time (all threads) of one training step of ``config``, after compiling."""
   exp = train.build_experiment(config, workdir)
   it = pipeline.train_iterator(config, exp.tokenizer)
-  batches = [sharding.global_batch(next(it), exp.mesh) for _ in range(8)]
   state = train.init_state(exp)
   step = train.make_train_step(exp)
-  state, m = step(state, batches[0])
+  state, m = step(state, sharding.global_batch(next(it), exp.mesh))
   jax.block_until_ready(m)
-  t = time.time()
-  for b in batches[1:]:
-    state, m = step(state, b)
+  # The input pipeline runs in the same process and counts, as it does in training.
+  t, num = time.process_time(), 20
+  for _ in range(num):
+    state, m = step(state, sharding.global_batch(next(it), exp.mesh))
   jax.block_until_ready(m)
-  return (time.time() - t) / (len(batches) - 1)
+  return (time.process_time() - t) / num
 
 
 def sample_quality(exp, params, settings, num, grammar) -> dict:
@@ -94,8 +97,13 @@ def sample_quality(exp, params, settings, num, grammar) -> dict:
              for i in range(num)]
     rep = evaluation.grammar_report(texts, grammar)
     logps = np.array([grammar.logprob(t) for t in texts])
+    length = np.asarray(samples.length)
+    few_calls = np.asarray(samples.calls) <= 2 * np.log2(np.maximum(length, 1)) + 2
     out[name] = {
         **rep,
+        "few_calls_share": float(np.mean(few_calls)),
+        "few_calls_grammatical": float(np.mean(np.isfinite(logps[few_calls])))
+                                 if few_calls.any() else float("nan"),
         "mean_calls": float(np.mean(samples.calls)),
         "mean_length": float(np.mean(samples.length)),
         "long_grammatical": float(np.mean(np.isfinite(logps[samples.length >= 16])))
@@ -105,6 +113,40 @@ def sample_quality(exp, params, settings, num, grammar) -> dict:
   return out
 
 
+def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
+  """Trains ``kind`` for the budget in ``out_dir/kind`` (once: a rerun resumes or reuses)."""
+  config = config_files.load(variant=_VARIANT.value)
+  config.model_kind = kind
+  if kind == "insertion":
+    config_files.apply_overrides(config, dict(item.split("=", 1) for item in _OVERRIDES.value))
+  workdir = os.path.join(out_dir, kind)
+  plan_path = os.path.join(out_dir, f"{kind}_plan.json")
+  if os.path.exists(plan_path):  # the step count of an earlier (maybe interrupted) run
+    with open(plan_path) as f:
+      plan = json.load(f)
+  else:
+    per_step = cpu_seconds_per_step(config, workdir) / _CORES.value
+    plan = {"seconds_per_step": per_step, "steps": max(int(_BUDGET.value / per_step), 10)}
+    with open(plan_path, "w") as f:
+      json.dump(plan, f)
+  steps = plan["steps"]
+  config.train.num_steps = steps
+  config.train.eval_every = steps
+  config.train.sample_every = steps
+  config.train.checkpoint_every = max(steps // 4, 1)
+  config.train.log_every = max(steps // 20, 1)
+  config.train.num_samples = 64
+  config.train.samples_to_print = 2
+  print(f"== {kind}: {plan['seconds_per_step']:.3f} s/step on {_CORES.value} cores (CPU time) "
+        f"-> {steps} steps in {_BUDGET.value:.0f} s", flush=True)
+  t, cpu = time.time(), time.process_time()
+  final = train.train_and_evaluate(config, workdir)
+  stats = {**plan, "train_seconds": time.time() - t, "train_cpu_seconds": time.process_time() - cpu,
+           "nll_per_sentence": final.get("eval/nll_per_sentence"),
+           "true_nll_per_sentence": final.get("true_nll_per_sentence")}
+  return workdir, stats
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -112,51 +154,36 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   grammar = grammar_lib.default_grammar()
   results = {}
+  for path in _MERGE.value:
+    with open(os.path.join(path, "results.json")) as f:
+      results.update(json.load(f))
   for kind in _MODELS.value:
-    config = load_config(_VARIANT.value)
-    config.model_kind = kind
-    if kind == "insertion":
-      for item in _OVERRIDES.value:
-        key, value = item.split("=", 1)
-        apply(config, key, value)
-    workdir = os.path.join(out_dir, kind)
-    per_step = seconds_per_step(config, workdir)
-    steps = max(int(_BUDGET.value / per_step), 10)
-    config.train.num_steps = steps
-    config.train.eval_every = steps
-    config.train.sample_every = steps
-    config.train.checkpoint_every = max(steps // 4, 1)
-    config.train.log_every = max(steps // 20, 1)
-    config.train.num_samples = 64
-    config.train.samples_to_print = 2
-    print(f"== {kind}: {per_step:.3f} s/step -> {steps} steps in {_BUDGET.value:.0f} s",
-          flush=True)
-    t = time.time()
-    final = train.train_and_evaluate(config, workdir)
-    train_time = time.time() - t
+    workdir, stats = train_model(kind, out_dir)
     exp, params = train.load_trained(workdir)
     settings = CAUSAL_SETTINGS if kind == "causal" else INSERTION_SETTINGS
     results[kind] = {
-        "steps": steps, "seconds_per_step": per_step, "train_seconds": train_time,
+        **stats,
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "nll_per_sentence": final.get("eval/nll_per_sentence"),
-        "true_nll_per_sentence": final.get("true_nll_per_sentence"),
         "samples": sample_quality(exp, params, settings, _SAMPLES.value, grammar),
     }
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   lines = ["| model | sampler | grammatical | grammatical (>=16 tok) | sample NLL (grammar) | "
-           "model calls | length |", "|---|---|---|---|---|---|---|"]
+           "model calls | length | <= 2log2n+2 calls | grammatical there |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
   for kind, r in results.items():
     for name, s in r["samples"].items():
       lines.append(f"| {kind} | {name} | {s['grammatical']:.1%} | {s['long_grammatical']:.1%} | "
                    f"{s['sample_nll_grammatical']:.1f} | {s['mean_calls']:.1f} | "
-                   f"{s['mean_length']:.1f} |")
+                   f"{s['mean_length']:.1f} | {s['few_calls_share']:.0%} | "
+                   f"{s['few_calls_grammatical']:.1%} |")
   lines.append("")
-  lines.append("| model | params | steps | NLL bound / sentence | true entropy |")
-  lines.append("|---|---|---|---|---|")
+  lines.append("| model | params | steps | train wall s | train CPU s | NLL bound / sentence | "
+               "true entropy |")
+  lines.append("|---|--:|--:|--:|--:|--:|--:|")
   for kind, r in results.items():
     lines.append(f"| {kind} | {r['params'] / 1e6:.2f}M | {r['steps']} | "
+                 f"{r['train_seconds']:.0f} | {r['train_cpu_seconds']:.0f} | "
                  f"{r['nll_per_sentence']:.2f} | {r['true_nll_per_sentence']:.2f} |")
   table = "\n".join(lines)
   print(table)

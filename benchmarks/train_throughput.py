@@ -9,7 +9,8 @@ prints a Markdown table:
   positions     model input positions computed per step (rows x width, padding included);
   noising share the time of a jitted function that does only the input preparation of the
                 step (insertion: `losses.draw_states` -- scoring, trees, level draw,
-                noising -- plus canvas building and packing; causal: `losses.ar_inputs`) on
+                noising -- plus canvas building and packing; causal: `losses.ar_inputs` and
+                packing) on
                 the same batch, divided by the step time;
   MFU           6 * parameters * positions per step / step time, over a peak measured here
                 with a 2048^3 matmul in the row's compute dtype (attention FLOPs are left
@@ -77,9 +78,17 @@ def _timed(fn) -> float:
 
 def input_prep_fn(exp):
   """A jitted function doing only the step's input preparation (no model)."""
-  if exp.config.model_kind == "causal":
-    return jax.jit(lambda tokens, mask, rng: losses.ar_inputs(tokens, mask))
   noise_cfg, scorer_cfg, stats = exp.noise_cfg, exp.scorer_cfg, exp.stats
+  if exp.config.model_kind == "causal":
+
+    def ar_prep(tokens, mask, rng):
+      del rng
+      inputs, targets = losses.ar_inputs(tokens, mask)
+      if noise_cfg.causal_pack_rows:
+        return losses.pack(*inputs, targets, rows=noise_cfg.causal_pack_rows)
+      return inputs, targets
+
+    return jax.jit(ar_prep, in_shardings=(sharding.batch_sharding(exp.mesh),) * 2 + (None,))
   none_id = exp.model_cfg.vocab_size  # `none` is the last output, after the vocabulary
 
   def prep(tokens, mask, rng):

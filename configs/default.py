@@ -69,11 +69,13 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
 
   c.noise = ml_collections.ConfigDict()
   c.noise.frontier_prob = 0.5       # share of partial-level (frontier) training states
+  c.noise.frontier_kind = "both"    # "level" (level + some of the next), "tree" (any), "both"
   c.noise.embed_loss_weight = 0.0   # lambda of the embedding-distance loss
   c.noise.states_per_example = 2    # levels drawn per example per step
-  # Rows the canvases of a batch are packed into (0 = no packing); each of the
-  # train.grad_accum_steps micro-batches packs into pack_rows / grad_accum_steps of them.
+  # Rows a batch's canvases (causal: sentences) are packed into (0 = no packing); each of the
+  # train.grad_accum_steps micro-batches packs into 1/grad_accum_steps of them.
   c.noise.pack_rows = 26
+  c.noise.causal_pack_rows = 24     # model_kind=causal: rows its sentences are packed into
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -102,6 +104,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.train.num_steps = 2000
   c.train.log_every = 50
   c.train.eval_every = 1000
+  c.train.eval_sweep = True         # final eval: also the level-sweep bound (n + H + 1 calls)
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
   c.train.num_samples = 256         # samples drawn (and checked) at the end
@@ -116,6 +119,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.gaps = "all"            # "all" or "last" (left-to-right decoding)
   c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
   c.sampler.insert_fraction = 1.0   # confident-first: share of wanting gaps that insert
+  c.sampler.confidence = 0.0        # confident-first: gaps with p >= this insert (>= 1 a step)
   c.sampler.max_steps = 48
   c.sampler.max_len = 48            # canvas capacity in tokens
 
@@ -134,6 +138,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
     c.model.mlp_dim = 128
     c.train.batch_size = 16
     c.noise.pack_rows = 8
+    c.noise.causal_pack_rows = 8
     c.train.num_steps = 20
     c.train.log_every = 5
     c.train.eval_every = 10
@@ -154,6 +159,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.train.batch_size = 256
     c.noise.pack_rows = 200
+    c.noise.causal_pack_rows = 160
     c.train.num_steps = 100_000
     c.train.eval_every = 5000
     c.train.checkpoint_every = 2000

@@ -42,6 +42,10 @@ class NllEvaluator:
     def level(params, tokens, mask, depth, lvl):
       return losses.level_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl)
 
+    def sweep(params, tokens, mask, depth, lvl, done):
+      return losses.level_sweep_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl,
+                                    done)
+
     def causal(params, tokens, mask):
       inputs, targets = losses.ar_inputs(tokens, mask)
       logits = nnx.merge(self.graphdef, params)(*inputs)
@@ -49,6 +53,7 @@ class NllEvaluator:
 
     self._trees = jax.jit(trees)
     self._level = jax.jit(level)
+    self._sweep = jax.jit(sweep)
     self._causal = jax.jit(causal)
 
   def per_sentence(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -67,15 +72,45 @@ class NllEvaluator:
     total -= np.asarray(entropy, np.float64)
     return total[real], (np.asarray(height) + 1)[real]
 
-  def __call__(self, params, batches: Sequence[dict]) -> dict:
-    nll, calls, tokens = [], [], []
+  def sweep_per_sentence(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL of the level sweep float64 [b], model calls [b]) for the real rows.
+
+    The same path read one gap at a time within each level
+    (`losses.level_sweep_nll`): n + H + 1 teacher-forced calls per sentence.
+    """
+    tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
+    real = np.asarray(batch["mask"]).any(axis=1)
+    depth, height, entropy = self._trees(tokens, mask)
+    depth_np, mask_np = np.asarray(depth), np.asarray(batch["mask"])
+    total = np.zeros(tokens.shape[0], np.float64)
+    for h in range(int(jnp.max(height)) + 1):
+      lvl = jnp.full((tokens.shape[0],), h, jnp.int32)
+      most = int(((depth_np == h) & mask_np).sum(axis=1).max())
+      for j in range(most + 1):
+        done = jnp.full((tokens.shape[0],), j, jnp.int32)
+        total += np.asarray(self._sweep(params, tokens, mask, depth, lvl, done), np.float64)
+    total -= np.asarray(entropy, np.float64)
+    calls = mask_np.sum(axis=1) + np.asarray(height) + 1
+    return total[real], calls[real]
+
+  def __call__(self, params, batches: Sequence[dict], sweep: bool = False) -> dict:
+    """The NLL bound over ``batches``; with ``sweep``, also the level-sweep bound."""
+    nll, calls, tokens, swept = [], [], [], []
     for batch in batches:
       n, c = self.per_sentence(params, batch)
       nll.append(n)
       calls.append(c)
       tokens.append(np.asarray(batch["mask"]).sum(axis=1)[np.asarray(batch["mask"]).any(1)])
+      if sweep and self.model_kind == "insertion":
+        swept.append(self.sweep_per_sentence(params, batch)[0])
     nll, calls, tokens = map(np.concatenate, (nll, calls, tokens))
+    extra = {}
+    if swept:
+      swept = np.concatenate(swept)
+      extra = {"sweep_nll_per_sentence": float(swept.mean()),
+               "sweep_nll_per_token": float(swept.sum() / (tokens + 1).sum())}
     return {
+        **extra,
         "nll_per_sentence": float(nll.mean()),
         "nll_per_sentence_se": float(nll.std(ddof=1) / np.sqrt(len(nll))) if len(nll) > 1 else 0.0,
         "nll_per_token": float(nll.sum() / (tokens + 1).sum()),

@@ -30,23 +30,37 @@ class NoiseConfig:
   """How training states are drawn (fields mirror ``config.noise``).
 
   Attributes:
-    frontier_prob: chance that an example is a frontier state (level h plus a
-      random fraction of the depth-h tokens) instead of an exact level.
+    frontier_prob: chance that an example is a frontier state instead of an
+      exact level.
+    frontier_kind: which frontier states: "level" (level h plus a random
+      fraction of the depth-h tokens), "tree" (any parent-closed subset, see
+      `noising.tree_frontier_keep`) or "both" (half each).
     embed_loss_weight: lambda of the embedding-distance loss.
     states_per_example: training states (levels) drawn per example per step.
     pack_rows: pack the canvases into this many rows of width L + 2 (several
       canvases per row, attention kept inside each); 0 = one canvas per row.
+    causal_pack_rows: the causal baseline's packing: its B sequences
+      ``[BOS] x`` go into this many rows of width L + 1; 0 = one per row.
   """
 
   frontier_prob: float = 0.0
+  frontier_kind: str = "level"
   embed_loss_weight: float = 0.0
   states_per_example: int = 1
   pack_rows: int = 0
+  causal_pack_rows: int = 0
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(config).items() if k in fields})
+    cfg = cls(**{k: v for k, v in dict(config).items() if k in fields})
+    if cfg.frontier_kind not in FRONTIER_KINDS:
+      raise ValueError(f"Unknown noise.frontier_kind {cfg.frontier_kind!r}; choose one of "
+                       f"{', '.join(FRONTIER_KINDS)}.")
+    return cfg
+
+
+FRONTIER_KINDS = ("level", "tree", "both")
 
 
 def canvas_inputs(canvas: jax.Array, length: jax.Array):
@@ -166,14 +180,20 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     not a frontier state), path_entropy float32 [B] (the random scorer's
     tree-entropy term, else 0)).
   """
-  k_score, k_level, k_front, k_frac = jax.random.split(rng, 4)
+  k_score, k_level, k_front, k_frac, k_tree = jax.random.split(rng, 5)
   scores = scorers.significance(tokens, mask, k_score, stats, scorer_cfg)
   depth = noising.insertion_depth(scores, mask)
   height = noising.tree_height(depth, mask)
   level = jax.random.randint(k_level, height.shape, 0, height + 1)
-  exact = jax.random.uniform(k_front, height.shape) >= noise_cfg.frontier_prob
+  draw = jax.random.uniform(k_front, height.shape)
+  exact = draw >= noise_cfg.frontier_prob
   fraction = jnp.where(exact, 0.0, jax.random.uniform(k_frac, height.shape))
   keep = noising.frontier_keep(depth, level, fraction, jax.random.fold_in(k_frac, 1))
+  if noise_cfg.frontier_kind != "level" and noise_cfg.frontier_prob > 0:
+    # "both": the lower half of the frontier draws are tree-shaped.
+    share = 1.0 if noise_cfg.frontier_kind == "tree" else 0.5
+    tree = ~exact & (draw < noise_cfg.frontier_prob * share)
+    keep = jnp.where(tree[:, None], noising.tree_frontier_keep(depth, mask, k_tree), keep)
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
   return noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
 
@@ -260,9 +280,19 @@ def ar_inputs(tokens, mask):
 
 
 def ar_loss(model, tokens, mask, rng=None, stats=None, scorer_cfg=None, noise_cfg=None):
-  """Next-token cross-entropy of the causal baseline (same metrics keys)."""
-  del rng, stats, scorer_cfg, noise_cfg
+  """Next-token cross-entropy of the causal baseline (same metrics keys).
+
+  With ``noise_cfg.causal_pack_rows`` the sequences are packed several to a
+  row (segment ids keep attention inside each), as the insertion model's
+  canvases are, so that neither model spends its compute on padding.
+  """
+  del rng, stats, scorer_cfg
   inputs, targets = ar_inputs(tokens, mask)
+  dropped = jnp.float32(0.0)
+  if noise_cfg is not None and noise_cfg.causal_pack_rows:
+    packed = pack(*inputs, targets, rows=noise_cfg.causal_pack_rows)
+    inputs = (packed.tokens, packed.segment_ids, packed.positions)
+    targets, dropped = packed.gap_targets, packed.dropped.astype(jnp.float32)
   logits = model(*inputs)
   nll = gap_nll(logits, targets)
   valid = targets >= 0
@@ -277,11 +307,11 @@ def ar_loss(model, tokens, mask, rng=None, stats=None, scorer_cfg=None, noise_cf
       "embed_distance": jnp.float32(0.0),
       "nll_bound_sum": jnp.sum(nll),
       "nll_bound_tokens": count.astype(jnp.float32),
-      "nll_bound_sentences": jnp.float32(tokens.shape[0]),
+      "nll_bound_sentences": jnp.float32(tokens.shape[0]) - dropped,
       "tokens": jnp.sum(mask).astype(jnp.float32),
       "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
       "computed_positions": jnp.float32(inputs[1].size),
-      "dropped_states": jnp.float32(0.0),
+      "dropped_states": dropped,
       "mean_height": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32) + 1),
   }
 
@@ -300,3 +330,45 @@ def level_nll(model, tokens, mask, depth, level, path_entropy: Optional[jax.Arra
   logits = model(*canvas_inputs(canvas, length))
   nll = jnp.sum(gap_nll(logits, targets), axis=1)
   return jnp.where(level <= height, nll, 0.0)
+
+
+def level_sweep_nll(model, tokens, mask, depth, level, done):
+  """Teacher-forced NLL of one state of the level *sweep*: float32 [B].
+
+  The sweep is a sequential reading of the same path: at level h the gaps are
+  decided left to right, and each decision sees the depth-h tokens already
+  inserted to its left. State ``(h, j)`` is level h plus the first ``j``
+  depth-h tokens; it decides the gaps from the one after the j-th inserted
+  token's right neighbour up to the gap holding the (j+1)-th depth-h token
+  (or the last gap). Summed over h = 0..H and j = 0..m_h (the depth-h count)
+  it is -log p of the path under one-gap-at-a-time decoding: the same gap
+  targets as `level_nll`'s, with no independence between the gaps of a level.
+  The difference of the two sums is what parallel decoding of a level costs.
+
+  Args:
+    model: an `InsertionTransformer`; tokens, mask, depth: [B, L];
+    level: int [B], the level h; done: int [B], the j of the state.
+
+  Returns:
+    float32 [B]; 0 where ``level`` > height or ``done`` > m_h.
+  """
+  none_id = model.none_id
+  height = noising.tree_height(depth, mask)
+  at_level = (depth == level[:, None]) & mask
+  rank = jnp.cumsum(at_level, axis=1, dtype=jnp.int32) - at_level  # depth-h tokens before
+  keep = (depth < level[:, None]) | (at_level & (rank < done[:, None]))
+  noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
+  logits = model(*canvas_inputs(noised.canvas, noised.length))
+  nll = gap_nll(logits, noised.gap_targets)  # [B, L+1]
+  # A kept token's canvas index, or the canvas gap a dropped token falls in.
+  slot = jnp.cumsum(keep, axis=1, dtype=jnp.int32) - keep
+  last = at_level & (rank == done[:, None] - 1)
+  start = jnp.where(done > 0, jnp.sum(jnp.where(last, slot + 2, 0), axis=1), 0)
+  following = at_level & (rank == done[:, None])
+  end = jnp.where(jnp.any(following, axis=1), jnp.sum(jnp.where(following, slot, 0), axis=1),
+                  noised.length)
+  gap = jnp.arange(nll.shape[1])[None, :]
+  owned = (gap >= start[:, None]) & (gap <= end[:, None])
+  count = jnp.sum(at_level, axis=1)
+  valid = (level <= height) & (done <= count)
+  return jnp.where(valid, jnp.sum(jnp.where(owned, nll, 0.0), axis=1), 0.0)

@@ -171,6 +171,61 @@ def frontier_keep(
   return (depth < level) | ((depth == level) & coin)
 
 
+def ancestors(depth: jax.Array, mask: jax.Array) -> jax.Array:
+  """The ancestor relation of the Cartesian tree, read off the depths.
+
+  Token j is an ancestor of i exactly when j is the strictly shallowest token
+  of the closed range between them (the range's most significant token is
+  the common ancestor of all of it). O(L^2), like `insertion_depth`.
+
+  Args:
+    depth: int [B, L] from `insertion_depth`; mask: bool [B, L].
+
+  Returns:
+    bool [B, L, L]: ``[b, i, j]`` true when j is an ancestor of i (not i itself).
+  """
+  depth = jnp.asarray(depth, jnp.int32)
+  mask = jnp.asarray(mask, bool)
+  length = depth.shape[1]
+  big = jnp.int32(np.iinfo(np.int32).max)
+  d = jnp.where(mask, depth, big)
+  idx = jnp.arange(length)
+  left = jnp.where(idx[None, None, :] <= idx[None, :, None], d[:, None, :], big)
+  left = jax.lax.cummin(left, axis=2, reverse=True)  # j <= i: min d[j..i]
+  right = jnp.where(idx[None, None, :] >= idx[None, :, None], d[:, None, :], big)
+  right = jax.lax.cummin(right, axis=2)  # j >= i: min d[i..j]
+  range_min = jnp.where(idx[None, None, :] <= idx[None, :, None], left, right)
+  return ((d[:, None, :] == range_min) & (d[:, None, :] < d[:, :, None])
+          & mask[:, None, :] & mask[:, :, None])
+
+
+def tree_frontier_keep(depth: jax.Array, mask: jax.Array, rng: jax.Array) -> jax.Array:
+  """A random frontier state of any shape: a parent-closed subset of the tree.
+
+  Every token gets a random time ``t_i = sum of u_j`` over itself and its
+  ancestors (``u`` i.i.d. uniform in (0, 1]), so a child's time is always
+  later than its parent's; the state keeps the tokens with ``t < T`` for one
+  ``T`` uniform over ``[0, max t]``. Unlike `frontier_keep`, one part of the
+  tree may be several levels deeper than another, which is what a sampler
+  that fills its most confident gaps first runs into.
+
+  Args:
+    depth: int [B, L] from `insertion_depth`; mask: bool [B, L].
+    rng: PRNG key.
+
+  Returns:
+    bool [B, L] keep mask, closed under parent, False on padding.
+  """
+  k_u, k_t = jax.random.split(rng)
+  mask = jnp.asarray(mask, bool)
+  u = 1.0 - jax.random.uniform(k_u, mask.shape)  # (0, 1]
+  anc = ancestors(depth, mask)
+  times = u + jnp.einsum("bij,bj->bi", anc.astype(jnp.float32), u)
+  last = jnp.max(jnp.where(mask, times, 0.0), axis=1, keepdims=True)
+  cut = jax.random.uniform(k_t, (mask.shape[0], 1)) * last
+  return mask & (times < cut)
+
+
 def drafts(tokens: np.ndarray, depth: np.ndarray) -> list[list[int]]:
   """The whole draft sequence of one example, for display.
 

@@ -40,6 +40,11 @@ class SamplerConfig:
     insert_fraction: confident-first insertion: at most this fraction
       (rounded up, at least one) of the gaps that want a token insert per step
       (1 = all of them).
+    confidence: confident-first insertion: only the gaps whose chosen token
+      has probability >= confidence insert, and at least the single most
+      confident gap, so a step never stalls (0 = off). Unlike ``tau`` it
+      never stops generation: an unsure gap waits for a later step, when its
+      neighbours have been filled in.
     max_steps: cap on insertion steps.
     max_len: canvas capacity C (tokens).
   """
@@ -51,6 +56,7 @@ class SamplerConfig:
   gaps: str = "all"
   insert_per_step: int = 0
   insert_fraction: float = 1.0
+  confidence: float = 0.0
   max_steps: int = 64
   max_len: int = 64
 
@@ -162,11 +168,17 @@ def keep_most_confident(do_insert, confidence, limit):
   return kept, jnp.any(do_insert & ~kept, axis=1)
 
 
-def insertion_limit(wanted, cfg: SamplerConfig):
-  """How many of the ``wanted`` [B] insertions a step makes (confident-first)."""
+def insertion_limit(wanted, confident, cfg: SamplerConfig):
+  """How many of the ``wanted`` [B] insertions a step makes (confident-first).
+
+  ``confident`` [B] counts the wanted insertions whose probability reaches
+  ``cfg.confidence``; the limit is never below one.
+  """
   limit = jnp.ceil(wanted * cfg.insert_fraction).astype(jnp.int32)
   if cfg.insert_per_step:
     limit = jnp.minimum(limit, cfg.insert_per_step)
+  if cfg.confidence > 0:
+    limit = jnp.minimum(limit, confident)
   return jnp.maximum(limit, 1)
 
 
@@ -205,7 +217,9 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     active = ~s["done"]
     do_insert &= active[:, None]
     wanted = jnp.sum(do_insert, axis=1)
-    do_insert, _ = keep_most_confident(do_insert, chosen_logp, insertion_limit(wanted, cfg))
+    confident = jnp.sum(do_insert & (chosen_logp >= jnp.log(max(cfg.confidence, 1e-30))), axis=1)
+    do_insert, _ = keep_most_confident(do_insert, chosen_logp,
+                                       insertion_limit(wanted, confident, cfg))
     # Never overflow the canvas: drop the least confident insertions that don't fit.
     do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
     canvas, length = insert(s["canvas"], s["length"], choice, do_insert)

@@ -170,16 +170,19 @@ def make_train_step(exp: Experiment):
   end: the update is the gradient of the loss over all the micro-batches'
   gaps, as one batch holding them would give. Micro-batch i draws its training
   states with ``fold_in(step_rng, i)`` and packs them into ``ceil(pack_rows /
-  A)`` rows, so the insertion model's states are other draws than at A = 1
-  (same distribution); a loss without randomness (the causal model) gets the
-  A = 1 update to float tolerance.
+  A)`` rows (``causal_pack_rows`` likewise), so the insertion model's states
+  are other draws than at A = 1 (same distribution); a loss without randomness
+  (the causal model) gets the A = 1 update to float tolerance, as long as no
+  sequence is dropped for want of pack rows.
   """
   loss_fn = loss_fn_for(exp.config.model_kind)
   graphdef, stats = exp.graphdef, exp.stats
   scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
   optimizer, schedule = exp.optimizer, exp.schedule
   accum = int(exp.config.train.grad_accum_steps)
-  micro_noise_cfg = dataclasses.replace(noise_cfg, pack_rows=-(-noise_cfg.pack_rows // accum))
+  micro_noise_cfg = dataclasses.replace(  # each micro-batch packs into 1/A of the rows
+      noise_cfg, pack_rows=-(-noise_cfg.pack_rows // accum),
+      causal_pack_rows=-(-noise_cfg.causal_pack_rows // accum))
   micro_sharding = NamedSharding(exp.mesh, P(None, sharding.BATCH_AXES))
 
   def batch_grads(params, batch, rng):
@@ -364,12 +367,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointing.save(mgr, step, state, train_iter.get_state())
 
   def evaluate(step) -> dict:
-    ev = evaluator(state["params"], eval_batches)
+    sweep = bool(config.train.eval_sweep) and step >= num_steps
+    ev = evaluator(state["params"], eval_batches, sweep=sweep)
     writer.write(step, ev, prefix="eval/")
     if is_main:
       print(f"eval @ {step}: NLL bound {ev['nll_per_sentence']:.2f} nats/sentence, "
-            f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})",
-            flush=True)
+            f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})"
+            + (f"; level sweep {ev['sweep_nll_per_sentence']:.2f} nats/sentence"
+               if "sweep_nll_per_sentence" in ev else ""), flush=True)
     return {f"eval/{k}": v for k, v in ev.items()}
 
   final = {}
@@ -459,6 +464,8 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
       "summary (validation sentences, grammar corpus)",
       f"  NLL bound per sentence   {final.get('eval/nll_per_sentence', float('nan')):8.2f} nats",
       f"  true entropy (grammar)   {out['true_nll_per_sentence']:8.2f} nats (same sentences)",
+      *([f"  level-sweep NLL bound    {final['eval/sweep_nll_per_sentence']:8.2f} nats "
+         "(the same path, one gap at a time)"] if "eval/sweep_nll_per_sentence" in final else []),
       f"  samples grammatical      {final['samples/grammatical']:8.1%} of "
       f"{int(config.train.num_samples)}",
       f"  mean sample length       {final['samples/sample_length']:8.2f} tokens",

@@ -52,3 +52,15 @@ def test_fraction_schedule_bounds_insertions():
     n = lengths[s]
     # At most a quarter (rounded up) of the n + 1 gaps insert.
     assert np.all(lengths[s + 1] - n <= np.ceil(0.25 * (n + 1)))
+
+
+def test_confidence_schedule_inserts_the_sure_gaps_and_at_least_one():
+  base = sampling.SamplerConfig(temperature=1.0, max_len=40, max_steps=12)
+  # A threshold no gap reaches: one insertion per step, the most confident one.
+  one = _sampler(dataclasses.replace(base, confidence=1.0))
+  np.testing.assert_array_equal(np.asarray(one.tokens),
+                                np.asarray(_sampler(dataclasses.replace(base,
+                                                                        insert_per_step=1)).tokens))
+  # A threshold every chosen token reaches: the plain parallel sampler.
+  every = _sampler(dataclasses.replace(base, confidence=1e-30))
+  np.testing.assert_array_equal(np.asarray(every.tokens), np.asarray(_sampler(base).tokens))

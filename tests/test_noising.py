@@ -176,3 +176,40 @@ def test_random_tree_entropy_term_at_word_level():
   unit_start = jnp.asarray([[True, False, True, False]])
   got = float(scorers.subtree_log_size_sum(depth, mask, unit_start)[0])
   assert got == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_ancestors_match_the_definition():
+  rng = np.random.default_rng(5)
+  tokens, mask, lengths, raw = random_batch(rng, 16, 20, False)
+  depth = noising.insertion_depth(raw, mask)
+  anc = np.asarray(noising.ancestors(depth, mask))
+  for b, n in enumerate(lengths):
+    s = np.asarray(raw)[b]
+    for i in range(20):
+      for j in range(20):
+        lo, hi = min(i, j), max(i, j)
+        want = i < n and j < n and i != j and s[j] == s[lo:hi + 1].max()
+        assert anc[b, i, j] == want, (b, i, j)
+  # Depth is the number of ancestors.
+  np.testing.assert_array_equal(anc.sum(axis=2)[np.asarray(mask)],
+                                np.asarray(depth)[np.asarray(mask)])
+
+
+def test_tree_frontier_states_are_parent_closed_with_reference_targets():
+  rng = np.random.default_rng(7)
+  tokens, mask, lengths, raw = random_batch(rng, 64, 24, False)
+  depth = noising.insertion_depth(raw, mask)
+  anc = np.asarray(noising.ancestors(depth, mask))
+  keep = np.asarray(noising.tree_frontier_keep(depth, mask, jax.random.key(2)))
+  assert not keep[~np.asarray(mask)].any()
+  # Closed under parent: a kept token's ancestors are all kept.
+  assert not np.any(keep[:, :, None] & anc & ~keep[:, None, :])
+  # Not just levels: some states keep a deeper token while a shallower one is out.
+  d = np.asarray(depth)
+  mixed = [((keep[b] & (d[b] > d[b][~keep[b] & np.asarray(mask)[b]].min(initial=99))).any())
+           for b in range(64)]
+  assert any(mixed)
+  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
+  for b, n in enumerate(lengths):
+    ref_canvas, ref_targets = reference_noise(tokens[b, :n], d[b, :n], keep[b, :n])
+    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets

@@ -29,7 +29,7 @@ def test_packed_and_unpacked_losses_agree(scorer, k):
       vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64))
   stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
   cfg = scorers.ScorerConfig(scorer)
-  plain = losses.NoiseConfig(frontier_prob=0.3, states_per_example=k)
+  plain = losses.NoiseConfig(frontier_prob=0.3, frontier_kind="both", states_per_example=k)
   packed = dataclasses.replace(plain, pack_rows=12 * k)
   rng = jax.random.key(3)
   loss_a, m_a = losses.insertion_loss(model, tokens, mask, rng, stats, cfg, plain)
@@ -62,3 +62,19 @@ def test_pack_layout_and_overflow():
   np.testing.assert_array_equal(np.asarray(out2.segment_ids), [[1, 1, 2, 2, 2, 0]])
   np.testing.assert_array_equal(np.asarray(out2.positions), [[0, 1, 0, 1, 2, 0]])
   np.testing.assert_array_equal(np.asarray(out2.gap_source), [[0, -1, 1, 1, -1]])
+
+
+def test_packed_and_unpacked_causal_losses_agree():
+  tokens, mask = _batch(seed=1)
+  model = model_lib.build("causal", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64))
+  plain = losses.NoiseConfig()
+  packed = dataclasses.replace(plain, causal_pack_rows=10)
+  loss_a, m_a = losses.ar_loss(model, tokens, mask, noise_cfg=plain)
+  loss_b, m_b = losses.ar_loss(model, tokens, mask, noise_cfg=packed)
+  assert float(m_b["dropped_states"]) == 0
+  np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5)
+  for key in ("gap_count", "gap_correct", "nll_bound_sentences", "nll_bound_tokens"):
+    assert float(m_a[key]) == float(m_b[key]), key
+  np.testing.assert_allclose(float(m_a["nll_bound_sum"]), float(m_b["nll_bound_sum"]), rtol=1e-5)
+  assert float(m_b["computed_positions"]) < float(m_a["computed_positions"])

@@ -151,9 +151,11 @@ def test_grad_accumulation_gives_the_full_batch_update(tokenizer, tmp_path, monk
 
   The insertion model's training states are drawn per example from its content here
   (`draws_from_content`): with the real per-batch draws, micro-batches see other (equally
-  distributed) states. As many pack rows as canvases, so that no canvas is dropped.
+  distributed) states. As many pack rows as canvases (causal: sequences), so that none is
+  dropped.
   """
-  overrides = {"model_kind": kind, "noise.pack_rows": 32, "noise.embed_loss_weight": 0.5}
+  overrides = {"model_kind": kind, "noise.pack_rows": 32, "noise.causal_pack_rows": 16,
+               "noise.embed_loss_weight": 0.5}
   if kind == "insertion":
     monkeypatch.setattr(losses, "draw_states", draws_from_content)
   full, _, full_state = run_steps(tiny_config(**overrides), tokenizer, tmp_path / "full")
