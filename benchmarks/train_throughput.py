@@ -9,9 +9,8 @@ prints a Markdown table:
   positions     model input positions computed per step (rows x width, padding included);
   noising share the time of a jitted function that does only the input preparation of the
                 step (insertion: `losses.draw_states` -- scoring, trees, level draw,
-                noising -- plus canvas building and packing; causal: `losses.ar_inputs` and
-                packing) on
-                the same batch, divided by the step time;
+                noising -- plus canvas building and packing; causal: `losses.ar_inputs`
+                and packing) on the same batch, divided by the step time;
   MFU           6 * parameters * positions per step / step time, over a peak measured here
                 with a 2048^3 matmul in the row's compute dtype (attention FLOPs are left
                 out, so this is a model-FLOPs estimate, not hardware utilisation).
