@@ -1,8 +1,9 @@
 r"""Training throughput: the semdiff insertion model next to the same-size causal AR model.
 
 For each model kind, on the same batches of the configured data (default: the `small`
-variant of configs/default.py), times the jitted train step of `semdiff.train` and
-prints a Markdown table:
+variant of configs/default.py), times the jitted train step of `semdiff.train` (the
+rows' steps taken in turn, so that a shared machine's load falls on all of them alike)
+and prints a Markdown table:
 
   step time     median seconds per step (after compilation and warm-up);
   tokens/s      data tokens (real tokens of the batch) per second;
@@ -26,7 +27,6 @@ Without ``--tokenizer`` a tokenizer is trained in a temporary folder as the job 
 Runs on whatever devices JAX sees (the config's mesh); takes about a minute on 2 CPU cores.
 """
 
-import functools
 import os
 import statistics
 import sys
@@ -104,46 +104,64 @@ def input_prep_fn(exp):
   return jax.jit(prep, in_shardings=(sharding.batch_sharding(exp.mesh),) * 2 + (None,))
 
 
-def bench_kind(config, kind: str, dtype: str, tok, workdir: str) -> dict:
-  config = config.copy_and_resolve_references()
-  config.model_kind = kind
-  config.model.dtype = dtype
-  exp = train.build_experiment(config, workdir, tokenizer=tok)
-  state = train.init_state(exp)
-  num_params = model_lib.count_params(state["params"])
-  step_fn = train.make_train_step(exp)
-  batches = pipeline.train_iterator(config, tok)
-  host = [next(batches) for _ in range(_WARMUP.value + _STEPS.value + 1)]
-  glob = [sharding.global_batch(b, exp.mesh) for b in host]
+class _Row:
+  """One (model kind, compute dtype) row: its compiled step, state and batches."""
 
-  state, metrics = step_fn(state, glob[0])  # compile
-  jax.block_until_ready(metrics)
-  for b in glob[1:1 + _WARMUP.value]:
-    state, metrics = step_fn(state, b)
-  jax.block_until_ready(metrics)
-  times, tokens, positions = [], [], []
-  for b in glob[1 + _WARMUP.value:]:
-    t = time.perf_counter()
-    state, metrics = step_fn(state, b)
+  def __init__(self, config, kind: str, dtype: str, tok, workdir: str):
+    config = config.copy_and_resolve_references()
+    config.model_kind = kind
+    config.model.dtype = dtype
+    self.kind, self.dtype = kind, dtype
+    exp = train.build_experiment(config, workdir, tokenizer=tok)
+    self.state = train.init_state(exp)
+    self.params = model_lib.count_params(self.state["params"])
+    self.step_fn = train.make_train_step(exp)
+    self.prep = input_prep_fn(exp)
+    batches = pipeline.train_iterator(config, tok)
+    self.batches = [sharding.global_batch(next(batches), exp.mesh)
+                    for _ in range(_WARMUP.value + _STEPS.value + 1)]
+    self.times, self.prep_times, self.tokens, self.positions = [], [], [], []
+    self.rng = jax.random.key(1)
+
+  def warm_up(self):
+    """Compiles the step and the input preparation, then runs the untimed steps."""
+    for b in self.batches[:1 + _WARMUP.value]:
+      self.state, metrics = self.step_fn(self.state, b)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-    m = jax.device_get(metrics)
-    tokens.append(float(m["tokens"]))
-    positions.append(float(m["computed_positions"]))
+    b = self.batches[0]
+    jax.block_until_ready(self.prep(b["tokens"], b["mask"], self.rng))
 
-  prep = input_prep_fn(exp)
-  rng = jax.random.key(1)
-  jax.block_until_ready(prep(glob[0]["tokens"], glob[0]["mask"], rng))
-  prep_times = []
-  for b in glob[1 + _WARMUP.value:]:
-    prep_times.append(_timed(lambda b=b: jax.block_until_ready(
-        prep(b["tokens"], b["mask"], rng))))
-  step_time = statistics.median(times)
-  return {"kind": kind, "dtype": dtype, "params": num_params, "step_time": step_time,
-          "tokens_per_s": statistics.mean(tokens) / step_time,
-          "positions": statistics.mean(positions),
-          "prep_time": statistics.median(prep_times),
-          "prep_share": statistics.median(prep_times) / step_time}
+  def timed_step(self, i: int):
+    b = self.batches[1 + _WARMUP.value + i]
+    t = time.perf_counter()
+    self.state, metrics = self.step_fn(self.state, b)
+    jax.block_until_ready(metrics)
+    self.times.append(time.perf_counter() - t)
+    m = jax.device_get(metrics)
+    self.tokens.append(float(m["tokens"]))
+    self.positions.append(float(m["computed_positions"]))
+    self.prep_times.append(_timed(lambda: jax.block_until_ready(
+        self.prep(b["tokens"], b["mask"], self.rng))))
+
+  def result(self) -> dict:
+    step_time = statistics.median(self.times)
+    prep_time = statistics.median(self.prep_times)
+    return {"kind": self.kind, "dtype": self.dtype, "params": self.params,
+            "step_time": step_time, "tokens_per_s": statistics.mean(self.tokens) / step_time,
+            "positions": statistics.mean(self.positions), "prep_time": prep_time,
+            "prep_share": prep_time / step_time}
+
+
+def bench(config, kinds, tok, workdir: str) -> list[dict]:
+  """Times the rows' steps in turn (row 1 step i, row 2 step i, ...), so that the drifting
+  load of a shared machine falls on every row alike."""
+  rows = [_Row(config, kind, dtype, tok, workdir) for kind, dtype in kinds]
+  for row in rows:
+    row.warm_up()
+  for i in range(_STEPS.value):
+    for row in rows:
+      row.timed_step(i)
+  return [row.result() for row in rows]
 
 
 def main(argv):
@@ -160,7 +178,7 @@ def main(argv):
     kinds = _ROWS if _BFLOAT16.value else _ROWS[:2]
     dtypes = sorted({dtype for _, dtype in kinds})
     peak = {dtype: measure_peak_flops(dtype=dtype) for dtype in dtypes}
-    rows = [bench_kind(config, kind, dtype, tok, workdir) for kind, dtype in kinds]
+    rows = bench(config, kinds, tok, workdir)
     # The best of two measurements: a shared machine's peak drifts with its load.
     peak = {dtype: max(peak[dtype], measure_peak_flops(dtype=dtype)) for dtype in dtypes}
 
