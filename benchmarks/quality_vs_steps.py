@@ -30,10 +30,8 @@ from absl import logging
 from semdiff import config_files
 from semdiff import evaluation
 from semdiff import sampling
-from semdiff import sharding
 from semdiff import train
 from semdiff.data import grammar as grammar_lib
-from semdiff.data import pipeline
 
 _BUDGET = flags.DEFINE_float("budget_s", 900.0, "Training seconds per model on --cores cores.")
 _CORES = flags.DEFINE_integer("cores", os.cpu_count(), "Cores the budget is counted on.")
@@ -64,22 +62,6 @@ INSERTION_SETTINGS = {
 }
 CAUSAL_SETTINGS = {"T=1": dict(_PLAIN), "top-p 0.9": dict(_PLAIN, top_p=0.9),
                    "T=0.7": dict(_PLAIN, temperature=0.7)}
-
-
-def cpu_seconds_per_step(config, workdir) -> float:
-  """CPU time (all threads) of one training step of ``config``, after compiling."""
-  exp = train.build_experiment(config, workdir)
-  it = pipeline.train_iterator(config, exp.tokenizer)
-  state = train.init_state(exp)
-  step = train.make_train_step(exp)
-  state, m = step(state, sharding.global_batch(next(it), exp.mesh))
-  jax.block_until_ready(m)
-  # The input pipeline runs in the same process and counts, as it does in training.
-  t, num = time.process_time(), 20
-  for _ in range(num):
-    state, m = step(state, sharding.global_batch(next(it), exp.mesh))
-  jax.block_until_ready(m)
-  return (time.process_time() - t) / num
 
 
 def sample_quality(exp, params, settings, num, grammar) -> dict:
@@ -125,16 +107,12 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
     with open(plan_path) as f:
       plan = json.load(f)
   else:
-    per_step = cpu_seconds_per_step(config, workdir) / _CORES.value
+    per_step = train.cpu_seconds_per_step(config, workdir) / _CORES.value
     plan = {"seconds_per_step": per_step, "steps": max(int(_BUDGET.value / per_step), 10)}
     with open(plan_path, "w") as f:
       json.dump(plan, f)
   steps = plan["steps"]
-  config.train.num_steps = steps
-  config.train.eval_every = steps
-  config.train.sample_every = steps
-  config.train.checkpoint_every = max(steps // 4, 1)
-  config.train.log_every = max(steps // 20, 1)
+  train.set_step_budget(config, steps)
   config.train.num_samples = 64
   config.train.samples_to_print = 2
   print(f"== {kind}: {plan['seconds_per_step']:.3f} s/step on {_CORES.value} cores (CPU time) "

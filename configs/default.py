@@ -32,7 +32,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  # "insertion" (semdiff) or "causal" (the autoregressive baseline).
+  # "insertion" (semdiff), "causal" (the autoregressive baseline, KV-cache decoding) or
+  # "masked" (masked diffusion: fixed canvas, absorbing mask, sampler.max_steps steps).
   c.model_kind = "insertion"
 
   c.data = ml_collections.ConfigDict()

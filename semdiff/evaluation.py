@@ -17,14 +17,24 @@ from semdiff import noising
 from semdiff import scorers
 
 
+# The masked-diffusion ELBO estimate: noise levels per sentence, and their seed.
+MASKED_T_DRAWS = 16
+MASKED_SEED = 4321
+
+
 @dataclasses.dataclass
 class NllEvaluator:
   """Exact NLL (bound) of held-out batches, per sentence and per token.
 
   Attributes:
     graphdef: the model's graph definition.
-    model_kind: "insertion" or "causal".
+    model_kind: "insertion", "causal" or "masked".
     stats, scorer_cfg: how the forward process scores tokens (insertion only).
+
+  The masked-diffusion bound is not exact but a Monte-Carlo estimate of its ELBO:
+  ``MASKED_T_DRAWS`` stratified noise levels per sentence (t_k = (k + u) / K, one uniform u
+  per sentence, fixed seed), each with its own random mask; its standard error over draws is
+  not included in ``nll_per_sentence_se``.
   """
 
   graphdef: nnx.GraphDef
@@ -51,7 +61,22 @@ class NllEvaluator:
       logits = nnx.merge(self.graphdef, params)(*inputs)
       return jnp.sum(losses.gap_nll(logits, targets), axis=1)
 
+    def masked(params, tokens, mask):
+      model = nnx.merge(self.graphdef, params)
+      keys = jax.random.split(jax.random.key(MASKED_SEED), MASKED_T_DRAWS + 1)
+      u = jax.random.uniform(keys[0], (tokens.shape[0],))
+
+      def draw(total, k):
+        t = (k + u) / MASKED_T_DRAWS
+        t = losses.MASKED_T_MIN + (1.0 - losses.MASKED_T_MIN) * t
+        return total + losses.masked_elbo(model, tokens, mask, t, keys[k + 1])[0], None
+
+      total, _ = jax.lax.scan(draw, jnp.zeros((tokens.shape[0],), jnp.float32),
+                              jnp.arange(MASKED_T_DRAWS))
+      return total / MASKED_T_DRAWS
+
     self._trees = jax.jit(trees)
+    self._masked = jax.jit(masked)
     self._level = jax.jit(level)
     self._sweep = jax.jit(sweep)
     self._causal = jax.jit(causal)
@@ -64,6 +89,9 @@ class NllEvaluator:
       nll = np.asarray(self._causal(params, tokens, mask), np.float64)
       calls = np.asarray(batch["mask"]).sum(axis=1) + 1
       return nll[real], calls[real]
+    if self.model_kind == "masked":
+      nll = np.asarray(self._masked(params, tokens, mask), np.float64)
+      return nll[real], np.full(tokens.shape[0], MASKED_T_DRAWS)[real]
     depth, height, entropy = self._trees(tokens, mask)
     total = np.zeros(tokens.shape[0], np.float64)
     for h in range(int(jnp.max(height)) + 1):
@@ -128,3 +156,171 @@ def grammar_report(texts: Sequence[str], grammar) -> dict:
       "grammatical": float(ok.mean()) if len(texts) else 0.0,
       "sample_nll_grammatical": float(-logps[ok].mean()) if ok.any() else float("nan"),
   }
+
+
+def true_nll(batches: Sequence[dict], decode, grammar) -> np.ndarray:
+  """float64 [N]: the grammar's exact NLL of every real row of held-out ``batches``.
+
+  The true entropy of the sentences an `NllEvaluator` bound is computed on (same rows, same
+  order); ``decode`` maps a list of ids to text.
+  """
+  texts = [decode(row[m].tolist()) for batch in batches
+           for row, m in zip(batch["tokens"], batch["mask"]) if m.any()]
+  return grammar_nll(texts, grammar)
+
+
+def grammar_nll(texts: Sequence[str], grammar) -> np.ndarray:
+  """float64 [N]: each text's exact NLL (nats) under ``grammar``; inf if ungrammatical."""
+  return np.array([-grammar.logprob(t) for t in texts], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text metrics of a set of samples. Each sample is a sequence of hashable units (words, or
+# token ids); the callers split decoded texts on whitespace, so the figures are about words.
+
+
+def _ngrams(units: Sequence, n: int) -> list[tuple]:
+  return [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+
+
+def distinct_n(samples: Sequence[Sequence], n: int) -> float:
+  """Distinct-n: distinct n-grams over all n-grams, pooled over the samples.
+
+  Args:
+    samples: N sequences of units.
+    n: the n-gram order (1, 2, 3, ...).
+
+  Returns:
+    (number of distinct n-grams in the whole set) / (number of n-gram occurrences), in
+    [0, 1]; 0.0 when no sample has n units. 1.0 means no n-gram repeats anywhere.
+  """
+  grams = [g for s in samples for g in _ngrams(list(s), n)]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def self_bleu(samples: Sequence[Sequence], max_n: int = 4) -> float:
+  """Self-BLEU: how alike the samples are (1 = all identical, 0 = nothing shared).
+
+  Definition: the mean over samples i of sentence-level BLEU-``max_n`` of sample i (the
+  hypothesis) against all the *other* samples as its references, with
+
+  * clipped n-gram precision p_k = m_k / l_k for k = 1..max_n, where l_k is the number of
+    k-grams of the hypothesis and m_k counts them clipped by the largest count of that k-gram
+    in any single reference (standard multi-reference BLEU);
+  * smoothing for k >= 2 only: p_k = (m_k + 1) / (l_k + 1) (Lin & Och 2004; "method 2" of
+    Chen & Cherry 2014 applied to the higher orders), so that a short sample without a
+    shared 4-gram does not score 0 while an unshared vocabulary (m_1 = 0) still scores 0;
+  * uniform weights: BLEU = BP * exp(mean_k log p_k);
+  * brevity penalty BP = 1 if c > r else exp(1 - r / c), c the hypothesis length and r the
+    reference length closest to c (the shorter one on a tie);
+  * an empty hypothesis scores 0.
+
+  The pairwise definition costs O(N^2 L); this computes the same numbers in O(N L) by
+  keeping, per n-gram, its two largest counts over the samples (the largest count over the
+  others is the first unless sample i holds it). Fewer than two samples: 0.0.
+
+  Args:
+    samples: N sequences of units.
+    max_n: the highest n-gram order (4 for BLEU-4).
+  """
+  samples = [list(s) for s in samples]
+  num = len(samples)
+  if num < 2:
+    return 0.0
+  lengths = np.array([len(s) for s in samples])
+  counts = []  # counts[k][i]: Counter-like dict of sample i's (k+1)-grams
+  top = []     # top[k][gram] = (largest count, its sample, second largest count)
+  for k in range(1, max_n + 1):
+    per_sample, best = [], {}
+    for i, s in enumerate(samples):
+      c = {}
+      for g in _ngrams(s, k):
+        c[g] = c.get(g, 0) + 1
+      per_sample.append(c)
+      for g, v in c.items():
+        first, who, second = best.get(g, (0, -1, 0))
+        if v > first:
+          best[g] = (v, i, first)
+        elif v > second:
+          best[g] = (first, who, v)
+    counts.append(per_sample)
+    top.append(best)
+  order = np.argsort(lengths, kind="stable")
+  sorted_len = lengths[order]
+  scores = np.zeros(num)
+  for i in range(num):
+    c = lengths[i]
+    if c == 0:
+      continue
+    log_p = 0.0
+    for k in range(max_n):
+      total = max(c - k, 0)
+      matched = 0
+      for g, v in counts[k][i].items():
+        first, who, second = top[k][g]
+        matched += min(v, second if who == i else first)
+      if k == 0:
+        if matched == 0:
+          log_p = -np.inf
+          break
+        log_p += np.log(matched / total)
+      else:
+        log_p += np.log((matched + 1) / (total + 1))
+    if not np.isfinite(log_p):
+      continue
+    # The closest reference length, over the other samples (drop one copy of sample i's).
+    others = np.delete(sorted_len, np.searchsorted(sorted_len, c))
+    r = others[np.lexsort((others, np.abs(others - c)))[0]]
+    bp = 1.0 if c > r else np.exp(1.0 - r / c)
+    scores[i] = bp * np.exp(log_p / max_n)
+  return float(scores.mean())
+
+
+def length_tv(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> float:
+  """Total-variation distance between two empirical length distributions.
+
+  TV = 1/2 * sum_k |P_a(length = k) - P_b(length = k)|, in [0, 1]: 0 for the same
+  histogram (up to scale), 1 for disjoint supports. Either set empty: nan.
+  """
+  a, b = np.asarray(lengths_a, np.int64), np.asarray(lengths_b, np.int64)
+  if a.size == 0 or b.size == 0:
+    return float("nan")
+  top = int(max(a.max(), b.max())) + 1
+  pa = np.bincount(a, minlength=top) / a.size
+  pb = np.bincount(b, minlength=top) / b.size
+  return float(0.5 * np.abs(pa - pb).sum())
+
+
+def keyword_coverage(samples: Sequence[Sequence], keywords: Sequence[Sequence]) -> float:
+  """Fraction of samples that contain all their keywords, in the given order.
+
+  Sample i is covered when ``keywords[i]`` is a subsequence of ``samples[i]`` (not
+  necessarily contiguous: the insertion sampler puts words between the keywords). No
+  samples: nan.
+  """
+  if len(samples) != len(keywords):
+    raise ValueError(f"{len(samples)} samples but {len(keywords)} keyword lists: give one "
+                     "keyword list per sample.")
+  if not samples:
+    return float("nan")
+
+  def covered(sample, words):
+    it = iter(sample)
+    return all(any(w == x for x in it) for w in words)
+
+  return float(np.mean([covered(list(s), list(k)) for s, k in zip(samples, keywords)]))
+
+
+def text_report(texts: Sequence[str], data_lengths: Optional[Sequence[int]] = None,
+                sample_lengths: Optional[Sequence[int]] = None) -> dict:
+  """Distinct-1/2/3 and self-BLEU of texts (on words), and the length TV distance.
+
+  ``sample_lengths`` and ``data_lengths`` (in the same unit, e.g. tokens) give the TV
+  distance of the samples' lengths to the data's; without both it is left out.
+  """
+  words = [t.split() for t in texts]
+  out = {f"distinct_{n}": distinct_n(words, n) for n in (1, 2, 3)}
+  out["self_bleu"] = self_bleu(words)
+  if data_lengths is not None and sample_lengths is not None:
+    out["length_tv"] = length_tv(sample_lengths, data_lengths)
+  return out

@@ -372,3 +372,92 @@ def level_sweep_nll(model, tokens, mask, depth, level, done):
   count = jnp.sum(at_level, axis=1)
   valid = (level <= height) & (done <= count)
   return jnp.where(valid, jnp.sum(jnp.where(owned, nll, 0.0), axis=1), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked-diffusion baseline (absorbing state, continuous time, linear schedule).
+#
+# A clean canvas x0 = ``x [EOS] [PAD]...`` of width L + 1 is noised at time t in (0, 1] by
+# masking every position independently with probability t (alpha_t = 1 - t). The
+# continuous-time ELBO (MDLM, Sahoo et al. 2024; MD4, Shi et al. 2024) with this schedule is
+#   -log p(x0) <= E_{t ~ U(0,1)} [ (1 / t) * sum_{masked i} -log p_theta(x0_i | z_t) ].
+# Since x0 determines the sentence and back (PAD after EOS is deterministic), this bounds the
+# sentence NLL and compares directly with the insertion bound and the AR NLL.
+
+MASKED_T_MIN = 1e-3  # t is drawn from [MASKED_T_MIN, 1]: the 1/t weight stays finite
+
+
+def masked_canvas(tokens, mask):
+  """Clean canvases ``x [EOS] [PAD]...``: int32 [B, L+1] (every position is a target)."""
+  batch, max_len = tokens.shape
+  n = jnp.sum(mask, axis=1)[:, None]
+  pos = jnp.arange(max_len + 1)[None, :]
+  x = jnp.concatenate([tokens.astype(jnp.int32), jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  return jnp.where(pos < n, x, jnp.where(pos == n, EOS_ID, PAD_ID)).astype(jnp.int32)
+
+
+def masked_inputs(canvas):
+  """(segment_ids, positions) int32 [B, W] of a full-width masked-diffusion canvas."""
+  positions = jnp.broadcast_to(jnp.arange(canvas.shape[1], dtype=jnp.int32), canvas.shape)
+  return jnp.ones(canvas.shape, jnp.int32), positions
+
+
+def masked_elbo(model, tokens, mask, t, rng):
+  """One-draw ELBO estimate of every sequence's NLL at noise levels ``t``.
+
+  Args:
+    model: a `MaskedDiffusionTransformer`.
+    tokens: int [B, L]; mask: bool [B, L] (real tokens form a prefix).
+    t: float32 [B] in (0, 1], the masking probability of each row.
+    rng: PRNG key of the masks.
+
+  Returns:
+    (nll float32 [B]: (1/t) * masked cross-entropy, an unbiased estimate of the bound when
+    t ~ U(0, 1); logits [B, L+1, V]; targets int32 [B, L+1], the clean token where masked,
+    -1 elsewhere).
+  """
+  x0 = masked_canvas(tokens, mask)
+  masked = jax.random.uniform(rng, x0.shape) < t[:, None]
+  z = jnp.where(masked, model.mask_id, x0)
+  logits = model(z, *masked_inputs(z))
+  targets = jnp.where(masked, x0, -1)
+  nll = jnp.sum(gap_nll(logits, targets), axis=1) / t
+  return nll, logits, targets
+
+
+def masked_loss(model, tokens, mask, rng, stats=None, scorer_cfg=None, noise_cfg=None):
+  """Training loss of the masked-diffusion baseline (the insertion loss's metric keys).
+
+  t is stratified over the batch (t_b = (u + b / B) mod 1, one uniform u), which lowers the
+  variance of the 1/t-weighted loss without biasing it. The loss is the ELBO per canvas
+  position (divided by L + 1); the metrics' ``nll_bound_*`` give it per sentence and token.
+  """
+  del stats, scorer_cfg, noise_cfg
+  batch, max_len = tokens.shape
+  k_t, k_mask = jax.random.split(rng)
+  u = jax.random.uniform(k_t, ())
+  t = jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+  t = MASKED_T_MIN + (1.0 - MASKED_T_MIN) * t
+  nll, logits, targets = masked_elbo(model, tokens, mask, t, k_mask)
+  real = jnp.any(mask, axis=1)
+  nll = jnp.where(real, nll, 0.0)
+  loss = jnp.sum(nll) / jnp.maximum(jnp.sum(real), 1) / (max_len + 1)
+  valid = targets >= 0
+  n_tokens = jnp.sum(mask, axis=1)
+  return loss, {
+      "loss": loss,
+      "gap_nll_sum": jnp.sum(gap_nll(logits, targets)),
+      "gap_count": jnp.sum(valid).astype(jnp.float32),
+      "gap_correct": jnp.sum((jnp.argmax(logits, axis=-1) == targets) & valid).astype(
+          jnp.float32),
+      "embed_distance": jnp.float32(0.0),
+      "nll_bound_sum": jnp.sum(nll),
+      "nll_bound_tokens": jnp.sum(jnp.where(real, n_tokens + 1, 0)).astype(jnp.float32),
+      "nll_bound_sentences": jnp.sum(real).astype(jnp.float32),
+      "tokens": jnp.sum(mask).astype(jnp.float32),
+      # Content (tokens and EOS) against every computed position: the share spent on PAD.
+      "canvas_positions": jnp.sum(jnp.where(real, n_tokens + 1, 0)).astype(jnp.float32),
+      "computed_positions": jnp.float32(batch * (max_len + 1)),
+      "dropped_states": jnp.float32(0.0),
+      "mean_height": jnp.float32(0.0),  # no tree: the sampler's steps are sampler.max_steps
+  }

@@ -1,13 +1,16 @@
-"""The Transformer: a bidirectional insertion model and its causal AR twin.
+"""The Transformers: the bidirectional insertion model and its baselines.
 
-One backbone (pre-norm, rotary positions, gated MLP) serves both:
+One backbone (pre-norm, rotary positions, gated MLP) serves all three:
 
 * `InsertionTransformer` reads the canvas ``[BOS] x_h [EOS] [PAD]...`` with full
   (bidirectional) attention inside each segment and, for every gap ``g``
   between canvas positions ``g`` and ``g + 1``, gives logits over the
   vocabulary plus ``none_id = vocab_size`` ("no insertion here").
 * `CausalTransformer` is the same backbone with causal attention and a
-  next-token head: the autoregressive baseline of the same size.
+  next-token head: the autoregressive baseline of the same size (with a KV
+  cache for decoding).
+* `MaskedDiffusionTransformer` is the same backbone, bidirectional, over a
+  fixed-length canvas with an absorbing mask id: the masked-diffusion peer.
 
 Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
 ``mlp``) in their ``out_sharding`` metadata; `semdiff.sharding` maps them to
@@ -116,12 +119,40 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, attn_mask):
     """x: [B, T, D]; positions: int [B, T]; attn_mask: bool [B, T, T] (query, key)."""
+    q, k, v = self._qkv(x, positions)
+    return self._finish(x, q, k, v, attn_mask)
+
+  def decode(self, x, position, cache: dict):
+    """One new position with cached keys and values (causal decoding).
+
+    Args:
+      x: [B, 1, D], the new position's input.
+      position: int32 [], its index (the same for every row: all rows start together).
+      cache: {"k", "v"}: [B, C, H, K] keys and values of positions < ``position``.
+
+    Returns:
+      ([B, 1, D] output, the cache with this position's keys and values written).
+    """
+    batch = x.shape[0]
+    q, k, v = self._qkv(x, jnp.full((batch, 1), position, jnp.int32))
+    start = (0, position, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+    values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+    visible = jnp.arange(keys.shape[1]) <= position
+    mask = jnp.broadcast_to(visible[None, None, :], (batch, 1, keys.shape[1]))
+    return self._finish(x, q, keys, values, mask), {"k": keys, "v": values}
+
+  def _qkv(self, x, positions):
+    """Rotary queries, keys and values, each [B, T, H, K] in the compute dtype."""
     cfg = self.cfg
-    dt = cfg.compute_dtype
     y = self.attn_norm(x)
-    q, k, v = jnp.unstack(jnp.einsum("btd,dchk->cbthk", y, self.qkv[...].astype(dt)), axis=0)
-    q = rotary(q, positions, cfg.rope_base)
-    k = rotary(k, positions, cfg.rope_base)
+    q, k, v = jnp.unstack(
+        jnp.einsum("btd,dchk->cbthk", y, self.qkv[...].astype(cfg.compute_dtype)), axis=0)
+    return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
+
+  def _finish(self, x, q, k, v, attn_mask):
+    """Attention of q [B, Q, H, K] over k, v [B, S, H, K] (mask [B, Q, S]), then the MLP."""
+    dt = self.cfg.compute_dtype
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     logits = jnp.where(attn_mask[:, None], logits, jnp.finfo(jnp.float32).min)
@@ -169,6 +200,19 @@ class Backbone(nnx.Module):
       else:
         x = block(x, positions, same)
     return self.final_norm(x)
+
+  def decode(self, tokens, position, cache):
+    """Causal decoding of one position: tokens int [B] at index ``position`` (int32 []).
+
+    ``cache`` is a tuple of per-layer {"k", "v"} [B, C, H, K]; returns (hidden [B, D], the
+    updated cache).
+    """
+    x = jnp.take(self.embed[...], tokens[:, None], axis=0).astype(self.cfg.compute_dtype)
+    new_cache = []
+    for block, layer in zip(self.blocks, cache):
+      x, layer = block.decode(x, position, layer)
+      new_cache.append(layer)
+    return self.final_norm(x)[:, 0], tuple(new_cache)
 
 
 class InsertionTransformer(nnx.Module):
@@ -232,18 +276,82 @@ class CausalTransformer(nnx.Module):
 
   def __call__(self, tokens, segment_ids, positions):
     """Next-token logits, float32 [B, T, V], for input [B, T]."""
-    cfg = self.cfg
     h = self.backbone(tokens, segment_ids, positions, causal=True)
+    return self._logits(h)
+
+  def _logits(self, h):
+    """[B, T, D] hidden states -> float32 [B, T, V] logits."""
+    cfg = self.cfg
     table = self.backbone.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     table = table / jnp.sqrt(jnp.float32(cfg.d_model))
     return jnp.einsum("btd,dv->btv", h, table.astype(cfg.compute_dtype)).astype(jnp.float32)
 
+  def init_cache(self, batch: int, capacity: int) -> tuple:
+    """An empty KV cache for ``capacity`` positions: per layer {"k", "v"} [B, C, H, K]."""
+    cfg = self.cfg
+    shape = (batch, capacity, cfg.num_heads, cfg.d_model // cfg.num_heads)
+    zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
+    return tuple({"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers))
 
-MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer}
+  def decode_step(self, tokens, position, cache):
+    """Incremental decoding: the logits after one more token.
+
+    Args:
+      tokens: int [B], the token at index ``position`` of every row (BOS at 0).
+      position: int32 [], the same for every row.
+      cache: from `init_cache` or the previous call (positions < ``position`` filled).
+
+    Returns:
+      (float32 [B, V] next-token logits, equal to ``self(...)[:, position]`` on the prefix up
+      to float rounding, and the cache with ``position`` written).
+    """
+    h, cache = self.backbone.decode(tokens, position, cache)
+    return self._logits(h[:, None])[:, 0], cache
+
+
+class MaskedDiffusionTransformer(nnx.Module):
+  """The masked-diffusion baseline: absorbing-state discrete diffusion on a fixed canvas.
+
+  The canvas is ``x [EOS] [PAD]...`` of a fixed width (``data.max_len + 1``); noising
+  replaces tokens by the absorbing ``mask_id`` and the model predicts every masked position,
+  EOS and PAD ones included, so the sentence length is learned (as in MDLM). The mask id is
+  ``vocab_size``: one extra row of the input embedding (the ``none_id = vocab_size`` trick of
+  the insertion model), never a tokenizer piece and never an output.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Backbone(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 1), rngs)
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (cfg.d_model, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  @property
+  def mask_id(self) -> int:
+    return self.cfg.vocab_size
+
+  def __call__(self, tokens, segment_ids, positions):
+    """Logits of the clean token at every position, float32 [B, T, V].
+
+    Args:
+      tokens: int [B, T], canvases with ``mask_id`` at the noised positions.
+      segment_ids: int [B, T] (1 on the whole canvas: PAD positions are predicted too).
+      positions: int [B, T].
+    """
+    cfg = self.cfg
+    h = self.backbone(tokens, segment_ids, positions, causal=False)
+    table = (self.backbone.embed[:cfg.vocab_size].T if cfg.tie_embeddings
+             else self.unembed[...])
+    table = table / jnp.sqrt(jnp.float32(cfg.d_model))
+    return jnp.einsum("btd,dv->btv", h, table.astype(cfg.compute_dtype)).astype(jnp.float32)
+
+
+MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer,
+          "masked": MaskedDiffusionTransformer}
 
 
 def build(kind: str, cfg: ModelConfig, seed: int = 0):
-  """A freshly initialised model of ``kind`` ("insertion" or "causal")."""
+  """A freshly initialised model of ``kind`` ("insertion", "causal" or "masked")."""
   if kind not in MODELS:
     raise ValueError(f"Unknown model kind {kind!r}; choose one of {sorted(MODELS)}.")
   return MODELS[kind](cfg, rngs=nnx.Rngs(params=seed))

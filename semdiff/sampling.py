@@ -332,3 +332,130 @@ def make_causal_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
     return sample_causal(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
 
   return run
+
+
+def sample_causal_cached(model, rng: jax.Array, cfg: SamplerConfig, *,
+                         batch_size: int) -> Samples:
+  """`sample_causal` with a KV cache: each model call processes one new token.
+
+  Same choices, same random keys and the same stopping rules as `sample_causal` (so the
+  same tokens up to float rounding of the logits), in one `lax.while_loop`; every row
+  stops at its EOS (or the cap ``cfg.max_len``), the loop when every row has stopped.
+  All rows decode position ``step`` together, so one scalar index serves the cache.
+
+  Args:
+    model: a `CausalTransformer` (``init_cache`` / ``decode_step``).
+    rng: PRNG key; cfg: sampler controls (static); batch_size: B.
+
+  Returns:
+    `Samples` (drafts hold only the final sequences, as in `sample_causal`).
+  """
+  cap = cfg.max_len
+  init = dict(tokens=jnp.full((batch_size, cap + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID),
+              length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),
+              calls=jnp.zeros((batch_size,), jnp.int32),
+              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0), rng=rng,
+              cache=model.init_cache(batch_size, cap + 1))
+  banned = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.array([PAD_ID, BOS_ID, UNK_ID])].set(
+      True)
+  rows = jnp.arange(batch_size)
+
+  def cond(s):
+    return (s["step"] < cap + 1) & ~jnp.all(s["done"])
+
+  def body(s):
+    rng, key = jax.random.split(s["rng"])
+    n, step = s["length"], s["step"]
+    logits, cache = model.decode_step(s["tokens"][:, step], step, s["cache"])
+    logits = jnp.where(banned, -jnp.inf, logits)
+    if cfg.temperature == 0.0:
+      choice = jnp.argmax(logits, axis=-1)
+    else:
+      choice = jax.random.categorical(key, _filter_logits(logits / cfg.temperature, cfg))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[:, None], axis=1)[:, 0]
+    active = ~s["done"]
+    stop = (choice == EOS_ID) | (n >= cap)
+    write = active & ~stop
+    tokens = s["tokens"].at[rows, jnp.where(write, n + 1, cap + 1)].set(
+        choice.astype(jnp.int32), mode="drop")
+    return dict(tokens=tokens, length=n + write, done=s["done"] | stop,
+                calls=s["calls"] + active, logprob=s["logprob"] + jnp.where(active, logp, 0.0),
+                step=step + 1, rng=rng, cache=cache)
+
+  out = jax.lax.while_loop(cond, body, init)
+  tokens = out["tokens"][:, 1:]
+  return Samples(tokens=tokens, length=out["length"], calls=out["calls"],
+                 drafts=tokens[None], draft_length=out["length"][None],
+                 inserted_logprob=out["logprob"])
+
+
+def make_causal_cached_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
+  """A jitted ``fn(params, rng) -> Samples``: the causal baseline with its KV cache."""
+
+  @jax.jit
+  def run(params, rng):
+    return sample_causal_cached(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
+
+  return run
+
+
+def sample_masked(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
+  """Ancestral sampling of the masked-diffusion baseline in ``cfg.max_steps`` steps.
+
+  The canvas has ``cfg.max_len + 1`` positions (the training canvas ``data.max_len + 1``:
+  keep ``sampler.max_len == data.max_len``) and starts fully masked. Step k = T..1 goes from
+  time t = k/T to s = (k-1)/T: the model predicts every position once, and each masked
+  position is revealed with probability (t - s) / t (= 1 at the last step) as a token drawn
+  from its prediction (temperature / top-k / top-p as configured; BOS and UNK banned);
+  revealed positions stay. The sentence is the canvas up to its first EOS or PAD.
+
+  Returns:
+    `Samples` with ``calls`` = T for every row (one model call per step, no early stop),
+    drafts [T+1, B, C]: the revealed tokens after each step (masked positions hold the mask
+    id, which decodes to nothing); the last one is the result.
+  """
+  steps, cap = cfg.max_steps, cfg.max_len
+  width = cap + 1
+  mask_id = model.mask_id
+  z0 = jnp.full((batch_size, width), mask_id, jnp.int32)
+  seg, pos = losses.masked_inputs(z0)
+  banned = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.array([BOS_ID, UNK_ID])].set(True)
+
+  def body(i, s):
+    z, logprob, drafts, rng = s
+    rng, k_tok, k_rev = jax.random.split(rng, 3)
+    t = (steps - i) / steps
+    s_next = (steps - i - 1) / steps
+    logits = jnp.where(banned, -jnp.inf, model(z, seg, pos))
+    if cfg.temperature == 0.0:
+      choice = jnp.argmax(logits, axis=-1)
+    else:
+      choice = jax.random.categorical(k_tok, _filter_logits(logits / cfg.temperature, cfg))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[..., None], axis=-1)[..., 0]
+    reveal = (z == mask_id) & (jax.random.uniform(k_rev, z.shape) < (t - s_next) / t)
+    z = jnp.where(reveal, choice.astype(jnp.int32), z)
+    logprob = logprob + jnp.sum(jnp.where(reveal, logp, 0.0), axis=1)
+    return z, logprob, drafts.at[i + 1].set(z[:, :cap]), rng
+
+  drafts = jnp.full((steps + 1, batch_size, cap), mask_id, jnp.int32)
+  z, logprob, drafts, _ = jax.lax.fori_loop(
+      0, steps, body, (z0, jnp.zeros((batch_size,), jnp.float32), drafts, rng))
+  ends = (z == EOS_ID) | (z == PAD_ID)
+  length = jnp.minimum(jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1), width), cap)
+  tokens = jnp.where(jnp.arange(cap)[None, :] < length[:, None], z[:, :cap], PAD_ID)
+  tokens = tokens.astype(jnp.int32)
+  drafts = drafts.at[steps].set(tokens)  # the last draft is the result, cut at its end
+  return Samples(tokens=tokens, length=length.astype(jnp.int32),
+                 calls=jnp.full((batch_size,), steps, jnp.int32), drafts=drafts,
+                 draft_length=jnp.full((steps + 1, batch_size), cap, jnp.int32),
+                 inserted_logprob=logprob)
+
+
+def make_masked_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
+  """A jitted ``fn(params, rng) -> Samples`` for the masked-diffusion baseline."""
+
+  @jax.jit
+  def run(params, rng):
+    return sample_masked(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
+
+  return run

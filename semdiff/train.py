@@ -91,8 +91,12 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
       word_start=jnp.asarray(tok.word_start_table))
 
 
+LOSSES = {"insertion": losses.insertion_loss, "causal": losses.ar_loss,
+          "masked": losses.masked_loss}
+
+
 def loss_fn_for(kind: str):
-  return losses.insertion_loss if kind == "insertion" else losses.ar_loss
+  return LOSSES[kind]
 
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str,
@@ -274,16 +278,31 @@ class _Preempted:
     self.requested = True
 
 
+def sampler_for(exp: Experiment, batch_size: int,
+                cfg: Optional[sampling.SamplerConfig] = None):
+  """The jitted sampler of the run's model kind: ``fn(params, rng) -> sampling.Samples``.
+
+  The causal baseline decodes with its KV cache (`sampling.sample_causal_cached`), the
+  masked-diffusion one ancestrally in ``sampler.max_steps`` steps (`sampling.sample_masked`).
+  """
+  cfg = cfg or exp.sampler_cfg
+  if exp.config.model_kind == "causal":
+    return sampling.make_causal_cached_sampler(exp.graphdef, cfg, batch_size)
+  if exp.config.model_kind == "masked":
+    return sampling.make_masked_sampler(exp.graphdef, cfg, batch_size)
+  return sampling.make_sampler(exp.graphdef, cfg, batch_size)
+
+
+def decode_samples(exp: Experiment, samples: sampling.Samples) -> list[str]:
+  """The texts of host-side ``samples``."""
+  return [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
+          for i in range(samples.tokens.shape[0])]
+
+
 def generate(exp: Experiment, params, num: int, rng) -> tuple[sampling.Samples, list[str]]:
   """``num`` samples from the trained model and their texts."""
-  if exp.config.model_kind == "causal":
-    run = sampling.make_causal_sampler(exp.graphdef, exp.sampler_cfg, num)
-  else:
-    run = sampling.make_sampler(exp.graphdef, exp.sampler_cfg, num)
-  samples = jax.device_get(run(params, rng))
-  texts = [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
-           for i in range(num)]
-  return samples, texts
+  samples = jax.device_get(sampler_for(exp, num)(params, rng))
+  return samples, decode_samples(exp, samples)
 
 
 def sample_report(exp: Experiment, params, step: int, writer, *, num: int,
@@ -451,13 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _grammar_summary(config, exp, eval_batches, final) -> dict:
   """The true entropy of the validation sentences, next to the model's bound."""
-  grammar = grammar_lib.default_grammar()
-  true_nll = []
-  for batch in eval_batches:
-    for row, m in zip(batch["tokens"], batch["mask"]):
-      if m.any():
-        true_nll.append(-grammar.logprob(exp.tokenizer.decode(row[m].tolist())))
-  true_nll = np.asarray(true_nll)
+  true_nll = evaluation.true_nll(eval_batches, exp.tokenizer.decode,
+                                 grammar_lib.default_grammar())
   out = {"true_nll_per_sentence": float(true_nll.mean())}
   lines = [
       "",
@@ -473,6 +487,56 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
   ]
   print("\n".join(lines), flush=True)
   return out
+
+
+def cpu_seconds_per_step(config: ml_collections.ConfigDict, workdir: str,
+                         steps: int = 20) -> float:
+  """CPU time (all threads) of one training step of ``config``, after compiling.
+
+  CPU time, not wall time, so that a budget stays fair when other jobs share the machine
+  (they stretch the wall clock, not the CPU time a step needs). The input pipeline runs in
+  the same process and counts, as it does in training. Builds the run in ``workdir``
+  (training its tokenizer there if it has none) but writes no checkpoint.
+  """
+  exp = build_experiment(config, workdir)
+  it = pipeline.train_iterator(config, exp.tokenizer)
+  state = init_state(exp)
+  step = make_train_step(exp)
+  state, m = step(state, sharding.global_batch(next(it), exp.mesh))
+  jax.block_until_ready(m)
+  t = time.process_time()
+  for _ in range(steps):
+    state, m = step(state, sharding.global_batch(next(it), exp.mesh))
+  jax.block_until_ready(m)
+  return (time.process_time() - t) / steps
+
+
+def set_step_budget(config: ml_collections.ConfigDict, steps: int) -> None:
+  """Trains ``config`` for ``steps`` steps: logging in 20 windows, 4 checkpoints, and the
+  periodic evaluation and samples only at the end (in place)."""
+  with config.unlocked():
+    config.train.num_steps = steps
+    config.train.eval_every = steps
+    config.train.sample_every = steps
+    config.train.checkpoint_every = max(steps // 4, 1)
+    config.train.log_every = max(steps // 20, 1)
+
+
+def fit_to_budget(config: ml_collections.ConfigDict, workdir: str, budget_s: float,
+                  cores: Optional[int] = None, min_steps: int = 10) -> tuple[int, float]:
+  """Sets ``config``'s step count so that training takes ``budget_s`` s on ``cores`` cores.
+
+  The budget is budget_s x cores CPU-seconds, turned into steps with
+  `cpu_seconds_per_step`, so that runs of different models get the same training compute,
+  not the same step count.
+
+  Returns:
+    (num_steps, seconds per step on ``cores`` cores).
+  """
+  per_step = cpu_seconds_per_step(config, workdir) / (cores or os.cpu_count())
+  steps = max(int(budget_s / per_step), min_steps)
+  set_step_budget(config, steps)
+  return steps, per_step
 
 
 def load_trained(workdir: str, step: Optional[int] = None,
