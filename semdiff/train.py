@@ -93,6 +93,11 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
 
 LOSSES = {"insertion": losses.insertion_loss, "causal": losses.ar_loss,
           "masked": losses.masked_loss}
+# Each loss is a sum over the batch divided by a count that does not depend on the
+# parameters; this names the metric holding that count (the masked loss also divides by the
+# constant L + 1, the same for every micro-batch).
+LOSS_NORMALISERS = {"insertion": "gap_count", "causal": "gap_count",
+                    "masked": "nll_bound_sentences"}
 
 
 def loss_fn_for(kind: str):
@@ -156,9 +161,9 @@ def init_state(exp: Experiment) -> dict:
   return init()
 
 
-# Metrics of a loss function that are not sums over the batch (every other one is):
-# normalised by the gap count, or a mean over examples.
-_PER_GAP_METRICS = ("loss", "embed_distance")
+# Metrics that are not sums over the batch (every other one is): normalised like the loss,
+# by the gap count, or a mean over examples.
+_PER_GAP_METRICS = ("embed_distance",)
 _PER_EXAMPLE_METRICS = ("mean_height",)
 
 
@@ -169,12 +174,13 @@ def make_train_step(exp: Experiment):
   (micro-batch i holds rows i, i + A, i + 2A, ..., so every device keeps a share
   of each), a `jax.lax.scan` runs forward and backward on one micro-batch at a
   time (activation memory of B / A examples) and one optimizer update follows.
-  Both losses are a sum over gaps divided by the gap count, so the scan adds up
-  the un-normalised gradients, gap sums and gap counts and divides once at the
-  end: the update is the gradient of the loss over all the micro-batches'
-  gaps, as one batch holding them would give. Micro-batch i draws its training
-  states with ``fold_in(step_rng, i)`` and packs them into ``ceil(pack_rows /
-  A)`` rows (``causal_pack_rows`` likewise), so the insertion model's states
+  Each loss is a sum over the batch divided by a count (`LOSS_NORMALISERS`: gaps,
+  or sentences for the masked model), so the scan adds up the un-normalised
+  gradients, sums and counts and divides once at the end: the update is the
+  gradient of the loss over all the micro-batches' examples, as one batch
+  holding them would give. Micro-batch i draws its training states with
+  ``fold_in(step_rng, i)`` and packs them into ``ceil(pack_rows / A)`` rows
+  (``causal_pack_rows`` likewise), so the insertion and masked models' states
   are other draws than at A = 1 (same distribution); a loss without randomness
   (the causal model) gets the A = 1 update to float tolerance, as long as no
   sequence is dropped for want of pack rows.
@@ -184,6 +190,7 @@ def make_train_step(exp: Experiment):
   scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
   optimizer, schedule = exp.optimizer, exp.schedule
   accum = int(exp.config.train.grad_accum_steps)
+  normaliser = LOSS_NORMALISERS[exp.config.model_kind]
   micro_noise_cfg = dataclasses.replace(  # each micro-batch packs into 1/A of the rows
       noise_cfg, pack_rows=-(-noise_cfg.pack_rows // accum),
       causal_pack_rows=-(-noise_cfg.causal_pack_rows // accum))
@@ -209,21 +216,24 @@ def make_train_step(exp: Experiment):
         model = nnx.merge(graphdef, params)
         loss, metrics = loss_fn(model, tokens, mask, jax.random.fold_in(rng, index), stats,
                                 scorer_cfg, micro_noise_cfg)
-        # The gap count does not depend on the parameters: scaling by it un-normalises.
-        return loss * jnp.maximum(metrics["gap_count"], 1.0), metrics
+        # The count does not depend on the parameters: scaling by it un-normalises.
+        return loss * jnp.maximum(metrics[normaliser], 1.0), metrics
 
       (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
-      weight = jnp.maximum(metrics["gap_count"], 1.0)
-      metrics = dict(metrics, **{k: metrics[k] * weight for k in _PER_GAP_METRICS})
+      gaps = jnp.maximum(metrics["gap_count"], 1.0)
+      metrics = dict(metrics, loss=metrics["loss"] * jnp.maximum(metrics[normaliser], 1.0),
+                     **{k: metrics[k] * gaps for k in _PER_GAP_METRICS})
       return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
     xs = (jnp.arange(accum), split(batch["tokens"]), split(batch["mask"]))
     grad_sum, per_micro = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), xs)
     metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_micro)
+    count = jnp.maximum(metrics[normaliser], 1.0)
     gaps = jnp.maximum(metrics["gap_count"], 1.0)
+    metrics["loss"] = metrics["loss"] / count
     metrics.update({k: metrics[k] / gaps for k in _PER_GAP_METRICS})
     metrics.update({k: metrics[k] / accum for k in _PER_EXAMPLE_METRICS})
-    return jax.tree.map(lambda g: g / gaps, grad_sum), metrics
+    return jax.tree.map(lambda g: g / count, grad_sum), metrics
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
