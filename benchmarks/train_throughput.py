@@ -24,7 +24,8 @@ Then the ratios: semdiff tokens/s / AR tokens/s, and semdiff's scoring + noising
       [--config=configs/default.py:small] [--config.train.batch_size=32 ...]
 
 Without ``--tokenizer`` a tokenizer is trained in a temporary folder as the job would.
-Runs on whatever devices JAX sees (the config's mesh); takes 1.5-3.5 minutes on 2 shared CPU cores.
+Runs on whatever devices JAX sees (the config's mesh); takes 1.5-3.5 minutes on 2 shared
+CPU cores.
 """
 
 import os
