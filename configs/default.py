@@ -79,7 +79,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.noise.frontier_kind = "both"    # "level" (level + some of the next), "tree" (any), "both"
   c.noise.embed_loss_weight = 0.0   # lambda of the embedding-distance loss
   c.noise.states_per_example = 2    # levels drawn per example per step
-  c.noise.pack_rows = 26            # rows the canvases are packed into (0 = no packing)
+  # Rows a batch's canvases (causal: sentences) are packed into (0 = no packing); each of the
+  # train.grad_accum_steps micro-batches packs into 1/grad_accum_steps of them.
+  c.noise.pack_rows = 26
   c.noise.causal_pack_rows = 24     # model_kind=causal: rows its sentences are packed into
 
   c.model = ml_collections.ConfigDict()
@@ -103,6 +105,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64           # global batch
+  # Split each batch into this many micro-batches (one forward/backward each, one update):
+  # activation memory of batch_size / grad_accum_steps, the same loss (see train.make_train_step).
+  c.train.grad_accum_steps = 1
   c.train.num_steps = 2000
   c.train.log_every = 50
   c.train.eval_every = 1000

@@ -54,11 +54,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch(batch_size: int, mesh: Mesh) -> None:
+def check_batch(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+  """The batch splits evenly over the devices (and, per device, over the micro-batches)."""
   devices = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % devices:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by the {devices} "
                      f"devices of the mesh {dict(mesh.shape)}; use a multiple of {devices}.")
+  if grad_accum_steps < 1:
+    raise ValueError(f"train.grad_accum_steps={grad_accum_steps} must be at least 1.")
+  if batch_size % (devices * grad_accum_steps):
+    raise ValueError(f"train.batch_size={batch_size} does not split into "
+                     f"train.grad_accum_steps={grad_accum_steps} micro-batches over the "
+                     f"{devices} devices of the mesh; use a multiple of "
+                     f"{devices * grad_accum_steps}.")
 
 
 def _spec_for(logical, shape, mesh: Mesh) -> P:

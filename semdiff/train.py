@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from semdiff import checkpointing
 from semdiff import config_files
@@ -98,6 +99,11 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
 
 LOSSES = {"insertion": losses.insertion_loss, "causal": losses.ar_loss,
           "masked": losses.masked_loss}
+# Each loss is a sum over the batch divided by a count that does not depend on the
+# parameters; this names the metric holding that count (the masked loss also divides by the
+# constant L + 1, the same for every micro-batch).
+LOSS_NORMALISERS = {"insertion": "gap_count", "causal": "gap_count",
+                    "masked": "nll_bound_sentences"}
 
 
 def fixed_embedding(config, workdir: str, tok: tokenizer_lib.Tokenizer,
@@ -126,14 +132,23 @@ def loss_fn_for(kind: str):
 
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str,
-                     tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> Experiment:
-  """Validates the config and builds the pieces of a run (no training)."""
+                     tokenizer: Optional[tokenizer_lib.Tokenizer] = None,
+                     devices: Optional[list] = None) -> Experiment:
+  """Validates the config and builds the pieces of a run (no training).
+
+  Args:
+    config: the run's config (``model.vocab_size`` is set from the tokenizer).
+    workdir: where a tokenizer is trained when ``config.data.tokenizer_path`` is "".
+    tokenizer: a loaded tokenizer, instead of the configured one.
+    devices: the devices of the mesh (default: all of ``jax.devices()``).
+  """
   if config.model_kind not in model_lib.MODELS:
     raise ValueError(f"Unknown model_kind {config.model_kind!r}; choose one of "
                      f"{sorted(model_lib.MODELS)}.")
   scorer_cfg = scorers.ScorerConfig.from_config(config.scorer)
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch(int(config.train.batch_size), mesh)
+  mesh = sharding.make_mesh(config, devices=devices)
+  sharding.check_batch(int(config.train.batch_size), mesh,
+                       grad_accum_steps=int(config.train.grad_accum_steps))
   tok = tokenizer or load_tokenizer(config, workdir)
   with config.unlocked():
     config.model.vocab_size = tok.vocab_size
@@ -178,29 +193,93 @@ def init_state(exp: Experiment) -> dict:
   return init()
 
 
+# Metrics that are not sums over the batch (every other one is): normalised like the loss,
+# by the gap count, or a mean over examples.
+_PER_GAP_METRICS = ("embed_distance",)
+_PER_EXAMPLE_METRICS = ("mean_height",)
+
+
 def make_train_step(exp: Experiment):
   """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
 
   When the scorer reads the model's own embedding (``scorer_cfg.table_source ==
   "model"``) it is ``train_step(state, batch, stats)``: the loop passes `model_stats`,
   refreshed every ``scorer.refresh_every`` steps.
+
+  With ``train.grad_accum_steps`` A > 1 the batch is split into A micro-batches
+  (micro-batch i holds rows i, i + A, i + 2A, ..., so every device keeps a share
+  of each), a `jax.lax.scan` runs forward and backward on one micro-batch at a
+  time (activation memory of B / A examples) and one optimizer update follows.
+  Each loss is a sum over the batch divided by a count (`LOSS_NORMALISERS`: gaps,
+  or sentences for the masked model), so the scan adds up the un-normalised
+  gradients, sums and counts and divides once at the end: the update is the
+  gradient of the loss over all the micro-batches' examples, as one batch
+  holding them would give. Micro-batch i draws its training states with
+  ``fold_in(step_rng, i)`` and packs them into ``ceil(pack_rows / A)`` rows
+  (``causal_pack_rows`` likewise), so the insertion and masked models' states
+  are other draws than at A = 1 (same distribution); a loss without randomness
+  (the causal model) gets the A = 1 update to float tolerance, as long as no
+  sequence is dropped for want of pack rows.
   """
   loss_fn = loss_fn_for(exp.config.model_kind)
   graphdef, fixed_stats = exp.graphdef, exp.stats
   scorer_cfg, noise_cfg = exp.scorer_cfg, exp.noise_cfg
   optimizer, schedule = exp.optimizer, exp.schedule
+  accum = int(exp.config.train.grad_accum_steps)
+  normaliser = LOSS_NORMALISERS[exp.config.model_kind]
+  micro_noise_cfg = dataclasses.replace(  # each micro-batch packs into 1/A of the rows
+      noise_cfg, pack_rows=-(-noise_cfg.pack_rows // accum),
+      causal_pack_rows=-(-noise_cfg.causal_pack_rows // accum))
+  micro_sharding = NamedSharding(exp.mesh, P(None, sharding.BATCH_AXES))
 
-  def train_step(state, batch, stats=fixed_stats):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
+  def batch_grads(params, batch, rng, stats):
     def compute_loss(params):
       model = nnx.merge(graphdef, params)
       return loss_fn(model, batch["tokens"], batch["mask"], rng, stats, scorer_cfg, noise_cfg)
 
-    (_, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
+    (_, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+    return grads, metrics
+
+  def accumulated_grads(params, batch, rng, stats):
+    def split(x):  # [B, ...] -> [A, B / A, ...]
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def micro_step(grad_sum, xs):
+      index, tokens, mask = xs
+
+      def summed_loss(params):
+        model = nnx.merge(graphdef, params)
+        loss, metrics = loss_fn(model, tokens, mask, jax.random.fold_in(rng, index), stats,
+                                scorer_cfg, micro_noise_cfg)
+        # The count does not depend on the parameters: scaling by it un-normalises.
+        return loss * jnp.maximum(metrics[normaliser], 1.0), metrics
+
+      (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+      gaps = jnp.maximum(metrics["gap_count"], 1.0)
+      metrics = dict(metrics, loss=metrics["loss"] * jnp.maximum(metrics[normaliser], 1.0),
+                     **{k: metrics[k] * gaps for k in _PER_GAP_METRICS})
+      return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    xs = (jnp.arange(accum), split(batch["tokens"]), split(batch["mask"]))
+    grad_sum, per_micro = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), xs)
+    metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_micro)
+    count = jnp.maximum(metrics[normaliser], 1.0)
+    gaps = jnp.maximum(metrics["gap_count"], 1.0)
+    metrics["loss"] = metrics["loss"] / count
+    metrics.update({k: metrics[k] / gaps for k in _PER_GAP_METRICS})
+    metrics.update({k: metrics[k] / accum for k in _PER_EXAMPLE_METRICS})
+    return jax.tree.map(lambda g: g / count, grad_sum), metrics
+
+  def train_step(state, batch, stats=fixed_stats):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    if accum == 1:
+      grads, metrics = batch_grads(state["params"], batch, rng, stats)
+    else:
+      grads, metrics = accumulated_grads(state["params"], batch, rng, stats)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state["step"]))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
             "rng": state["rng"]}, metrics

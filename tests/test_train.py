@@ -218,11 +218,11 @@ def test_resuming_an_incompatible_model_is_refused(tiny_run, override, message):
           os.path.getmtime(os.path.join(workdir, "config.json"))) == before
 
 
-def run_main(workdir, *flags, timeout=300):
+def run_main(workdir, *flags, timeout=300, env=None):
   """``python -m semdiff.main --workdir=WORKDIR FLAGS`` from the repository root."""
   return subprocess.run(
       [sys.executable, "-m", "semdiff.main", f"--workdir={workdir}", *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_child_env())
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or _child_env())
 
 
 def _child_env():
@@ -256,17 +256,11 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, case):
 def one_step(mesh, start, batch, tokenizer, workdir):
   """(experiment, params after one step, metrics) of the tiny config on a ``mesh``.
 
-  ``mesh`` is (data, fsdp, number of devices). `train.build_experiment` builds its mesh from
-  ``config.mesh`` over all devices, so a smaller mesh needs `sharding.make_mesh` pointed at
-  fewer devices: ``build_experiment(config, workdir, devices=...)`` would make this direct.
+  ``mesh`` is (data, fsdp, number of devices): the mesh is built over the first devices.
   """
   data, fsdp, devices = mesh
-  make_mesh = sharding.make_mesh
-  with pytest.MonkeyPatch.context() as monkeypatch:
-    monkeypatch.setattr(sharding, "make_mesh", lambda cfg, devices=None: make_mesh(
-        cfg, devices=jax.devices()[:mesh[2]]))
-    exp = train.build_experiment(tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp}),
-                                 workdir, tokenizer=tokenizer)
+  exp = train.build_experiment(tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp}),
+                               workdir, tokenizer=tokenizer, devices=jax.devices()[:devices])
   assert exp.mesh.devices.size == devices
   state = jax.device_put(start, exp.state_sharding)
   new_state, metrics = train.make_train_step(exp)(state, sharding.global_batch(batch, exp.mesh))
