@@ -47,7 +47,7 @@ _MERGE = flags.DEFINE_list(
 
 # Every setting states all the knobs it uses, so none inherits the config's sampler.
 _PLAIN = {"temperature": 1.0, "top_p": 1.0, "insert_fraction": 1.0, "insert_per_step": 0,
-          "confidence": 0.0}
+          "confidence": 0.0, "select": "sample"}
 INSERTION_SETTINGS = {
     "all gaps, T=1": dict(_PLAIN),
     "all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9),
@@ -59,6 +59,14 @@ INSERTION_SETTINGS = {
     "all gaps, T=0.7": dict(_PLAIN, temperature=0.7),
     "one gap per step, top-p 0.9": dict(_PLAIN, top_p=0.9, insert_per_step=1),
     "one gap per step, T=1": dict(_PLAIN, insert_per_step=1),
+    # Gaps chosen by certainty before they sample; a none closes its gap.
+    "certainty, all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty"),
+    "certainty 0.9, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty", confidence=0.9),
+    "certainty 0.7, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty", confidence=0.7),
+    "certainty 0.5, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty", confidence=0.5),
+    "certainty 0.7, T=1": dict(_PLAIN, select="certainty", confidence=0.7),
+    "certainty, one gap per step, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty",
+                                                   insert_per_step=1),
 }
 CAUSAL_SETTINGS = {"T=1": dict(_PLAIN), "top-p 0.9": dict(_PLAIN, top_p=0.9),
                    "T=0.7": dict(_PLAIN, temperature=0.7)}

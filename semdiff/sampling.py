@@ -66,6 +66,15 @@ class SamplerConfig:
       confident gap, so a step never stalls (0 = off). Unlike ``tau`` it
       never stops generation: an unsure gap waits for a later step, when its
       neighbours have been filled in.
+    select: how confident-first picks its gaps. "sample": every gap samples,
+      and the most confident of the sampled tokens insert (a gap that samples
+      ``none`` is asked again next step; the run stops when all say ``none``
+      at once). "certainty": the gaps whose distribution is most certain (the
+      largest probability of any choice, ``none`` included) are chosen first,
+      only they sample, and a ``none`` closes its gap for good (its subtree is
+      empty). Each gap decision is then made once, in an order that does not
+      depend on the draw, so frequent re-asking cannot bias the length; the
+      run stops when no gap is open.
     max_steps: cap on insertion steps.
     max_len: canvas capacity C (tokens).
     epsilon: semantic stop: an example stops after a step that moved its
@@ -87,6 +96,7 @@ class SamplerConfig:
   insert_per_step: int = 0
   insert_fraction: float = 1.0
   confidence: float = 0.0
+  select: str = "sample"
   max_steps: int = 64
   max_len: int = 64
   epsilon: float = 0.0
@@ -107,6 +117,8 @@ class SamplerConfig:
     values = {k: v for k, v in dict(config).items() if k in fields}
     values.update(overrides)
     cfg = cls(**values)
+    if cfg.select not in ("sample", "certainty"):
+      raise ValueError(f"sampler.select must be 'sample' or 'certainty', got {cfg.select!r}.")
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:
@@ -191,7 +203,9 @@ def insert(canvas: jax.Array, length: jax.Array, choice: jax.Array, do_insert: j
 
 
 def _step(model, canvas, length, keys, cfg: SamplerConfig):
-  """One insertion step's choices: (choice [B,G], do_insert [B,G], logprob [B,G]).
+  """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G].
+
+  ``certainty`` is the largest log-probability of any choice of the gap.
 
   ``keys``: [B] PRNG keys, one per example.
   """
@@ -215,7 +229,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig):
   do_insert = allowed & (choice != none_id)
   if cfg.tau > 0:
     do_insert &= chosen_logp >= jnp.log(cfg.tau)
-  return choice, do_insert, chosen_logp
+  return choice, do_insert, chosen_logp, jnp.max(logp, axis=-1)
 
 
 def keep_most_confident(do_insert, confidence, limit):
@@ -380,13 +394,29 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
 
   def body(s):
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
-    choice, do_insert, chosen_logp = _step(model, s["canvas"], s["length"], keys, cfg)
+    choice, do_insert, chosen_logp, certainty = _step(model, s["canvas"], s["length"], keys,
+                                                      cfg)
     active = ~s["done"]
-    do_insert &= active[:, None] & s["open"]
-    wanted = jnp.sum(do_insert, axis=1)
-    confident = jnp.sum(do_insert & (chosen_logp >= jnp.log(max(cfg.confidence, 1e-30))), axis=1)
-    do_insert, _ = keep_most_confident(do_insert, chosen_logp,
-                                       insertion_limit(wanted, confident, cfg))
+    threshold = jnp.log(max(cfg.confidence, 1e-30))
+    gap = jnp.arange(cap + 1)[None, :]
+    open_gaps = s["open"]
+    if cfg.select == "certainty":
+      # Choose the gaps first, by a rule that does not look at the draw; only they decide.
+      acting = active[:, None] & open_gaps & (gap <= s["length"][:, None])
+      if cfg.gaps == "last":
+        acting &= gap == s["length"][:, None]
+      limit = insertion_limit(jnp.sum(acting, axis=1),
+                              jnp.sum(acting & (certainty >= threshold), axis=1), cfg)
+      chosen, _ = keep_most_confident(acting, certainty, limit)
+      do_insert &= chosen
+      # A gap that chose none (or failed tau) is empty for good.
+      open_gaps = open_gaps & ~(chosen & ~do_insert)
+    else:
+      do_insert &= active[:, None] & open_gaps
+      wanted = jnp.sum(do_insert, axis=1)
+      confident = jnp.sum(do_insert & (chosen_logp >= threshold), axis=1)
+      do_insert, _ = keep_most_confident(do_insert, chosen_logp,
+                                         insertion_limit(wanted, confident, cfg))
     # Never overflow the canvas: drop the least confident insertions that don't fit.
     do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
     if cfg.delta >= 0:
@@ -399,7 +429,12 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     new_sum = embed_sum(canvas, length)
     moved = jnp.where(active, _distance(s["sum"], new_sum), 0.0)
     inserted_any = jnp.any(do_insert, axis=1)
-    done = s["done"] | ~inserted_any | overflow | (length >= cap)
+    new_open = update_open_gaps(open_gaps, do_insert)
+    if cfg.select == "certainty":
+      finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
+    else:
+      finished = ~inserted_any
+    done = s["done"] | finished | overflow | (length >= cap)
     if cfg.epsilon > 0:
       done |= moved < cfg.epsilon
     step = s["step"] + 1
@@ -407,7 +442,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
         canvas=canvas, length=length, done=done,
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(do_insert, chosen_logp, 0.0), axis=1),
-        step=step, keys=s["keys"], open=update_open_gaps(s["open"], do_insert), sum=new_sum,
+        step=step, keys=s["keys"], open=new_open, sum=new_sum,
         drafts=s["drafts"].at[step].set(canvas),
         draft_len=s["draft_len"].at[step].set(length),
         inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -64,3 +65,30 @@ def test_confidence_schedule_inserts_the_sure_gaps_and_at_least_one():
   # A threshold every chosen token reaches: the plain parallel sampler.
   every = _sampler(dataclasses.replace(base, confidence=1e-30))
   np.testing.assert_array_equal(np.asarray(every.tokens), np.asarray(_sampler(base).tokens))
+
+
+class NoneLeaning:
+  """Random logits with ``none`` favoured: samples end by themselves."""
+
+  none_id = V
+
+  def __call__(self, tokens, segment_ids, positions):
+    del segment_ids
+    mix = jnp.sum(tokens * (positions + 1), axis=1)[:, None, None].astype(jnp.float32)
+    grid = jnp.arange(tokens.shape[1] - 1)[None, :, None] + jnp.arange(V + 1)[None, None, :]
+    logits = jnp.sin(grid * 1.7 + mix * 0.31) * 2.0
+    return logits.at[..., V].add(1.5)
+
+
+def test_certainty_selection_decides_each_gap_once():
+  # One gap acts per step: it inserts a token (opening two gaps) or closes for good, so a
+  # finished sample of n tokens took exactly n insertions and n + 1 closes.
+  cfg = sampling.SamplerConfig(temperature=1.0, max_len=40, max_steps=90, insert_per_step=1,
+                               select="certainty")
+  out = jax.jit(lambda key: sampling.sample(NoneLeaning(), key, cfg, batch_size=6))(
+      jax.random.key(0))
+  length, calls = np.asarray(out.length), np.asarray(out.calls)
+  assert np.all(np.diff(np.asarray(out.draft_length), axis=0) <= 1)
+  finished = length < 40
+  assert finished.any()
+  np.testing.assert_array_equal(calls[finished], 2 * length[finished] + 1)
