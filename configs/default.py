@@ -126,7 +126,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.gaps = "all"            # "all" or "last" (left-to-right decoding)
   c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
   c.sampler.insert_fraction = 1.0   # confident-first: share of wanting gaps that insert
-  c.sampler.confidence = 0.0        # confident-first: gaps with p >= this insert (>= 1 a step)
+  c.sampler.confidence = 0.5        # confident-first: gaps with p >= this insert (>= 1 a step)
   c.sampler.select = "sample"       # confident-first: "sample" or "certainty" (see sampling.py)
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
   # measured as 1 - cos between consecutive drafts:

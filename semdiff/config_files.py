@@ -66,3 +66,24 @@ def apply_overrides(config: ml_collections.ConfigDict,
     with config.unlocked():
       node[leaf] = value
   return config
+
+
+def with_defaults(saved: Mapping[str, Any], path: str = DEFAULT) -> ml_collections.ConfigDict:
+  """A saved run config (``config.json``) on top of its variant's current defaults.
+
+  Fields added to the config file after the run was saved take their default values, so a
+  workdir written by an older version still loads; every field the run saved keeps its value.
+  """
+  base = load(path, saved.get("variant") or None)
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, Mapping) and key in node and isinstance(node[key],
+                                                                    ml_collections.ConfigDict):
+        merge(node[key], value)
+      else:
+        node[key] = value
+
+  with base.unlocked():
+    merge(base, saved)
+  return base

@@ -622,7 +622,7 @@ def load_trained(workdir: str, step: Optional[int] = None,
     raise FileNotFoundError(f"{workdir} has no config.json: is it a semdiff workdir? Train "
                             "with python -m semdiff.main --config=... --workdir=DIR first.")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = config_files.with_defaults(json.load(f))
   config_files.apply_overrides(config, overrides or {})
   exp = build_experiment(config, workdir)
   mgr = checkpointing.manager(workdir, keep=int(config.train.keep_checkpoints))
