@@ -1,0 +1,36 @@
+"""One loader for config files, dotted overrides, and old workdirs' configs."""
+
+import json
+
+import pytest
+
+from semdiff import config_files
+
+
+def test_overrides_convert_strings_to_the_field_type():
+  config = config_files.load(variant="tiny", overrides={
+      "train.num_steps": "7", "noise.frontier_prob": "0.25", "scorer.word_level": "false"})
+  assert config.variant == "tiny"
+  assert config.train.num_steps == 7
+  assert config.noise.frontier_prob == 0.25
+  assert config.scorer.word_level is False
+
+
+def test_unknown_field_is_one_clear_error():
+  with pytest.raises(ValueError, match="no field 'model.nope'"):
+    config_files.load(overrides={"model.nope": 1})
+
+
+def test_missing_file_is_one_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No config file"):
+    config_files.load(str(tmp_path / "absent.py"))
+
+
+def test_an_old_saved_config_gets_the_new_fields_defaults():
+  saved = json.loads(config_files.load(variant="tiny").to_json_best_effort())
+  del saved["train"]["grad_accum_steps"]  # a field added after the run was saved
+  saved["train"]["num_steps"] = 123
+  config = config_files.with_defaults(saved)
+  assert config.train.grad_accum_steps == 1
+  assert config.train.num_steps == 123
+  assert config.model.d_model == 64  # the tiny variant's, not the default's
