@@ -553,6 +553,31 @@ def draft_texts(samples: Samples, index: int, decode) -> list[str]:
   return texts
 
 
+def _next_token(s: dict, logits: jax.Array, key: jax.Array, cfg: SamplerConfig,
+                banned: jax.Array) -> dict:
+  """One left-to-right step of the causal samplers, from next-token logits [B, V].
+
+  ``s`` holds tokens [B, C+1] (BOS first), length, done, calls and logprob; returns their
+  new values: a row writes its choice after its last token, or stops at EOS or the cap.
+  """
+  cap = s["tokens"].shape[1] - 1
+  n = s["length"]
+  logits = jnp.where(banned, -jnp.inf, logits)
+  if cfg.temperature == 0.0:
+    choice = jnp.argmax(logits, axis=-1)
+  else:
+    choice = jax.random.categorical(key, _filter_logits(logits / cfg.temperature, cfg))
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[:, None], axis=1)[:, 0]
+  active = ~s["done"]
+  stop = (choice == EOS_ID) | (n >= cap)
+  write = active & ~stop
+  rows = jnp.arange(n.shape[0])
+  tokens = s["tokens"].at[rows, jnp.where(write, n + 1, cap + 1)].set(
+      choice.astype(jnp.int32), mode="drop")
+  return dict(tokens=tokens, length=n + write, done=s["done"] | stop,
+              calls=s["calls"] + active, logprob=s["logprob"] + jnp.where(active, logp, 0.0))
+
+
 def sample_causal(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
   """Left-to-right sampling from the causal baseline (one token per model call).
 
@@ -576,20 +601,7 @@ def sample_causal(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int)
     seg = (pos <= n[:, None]).astype(jnp.int32)
     logits = model(s["tokens"], seg, jnp.broadcast_to(pos, s["tokens"].shape).astype(jnp.int32))
     logits = jnp.take_along_axis(logits, n[:, None, None], axis=1)[:, 0]  # [B, V]
-    logits = jnp.where(banned, -jnp.inf, logits)
-    if cfg.temperature == 0.0:
-      choice = jnp.argmax(logits, axis=-1)
-    else:
-      choice = jax.random.categorical(key, _filter_logits(logits / cfg.temperature, cfg))
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[:, None], axis=1)[:, 0]
-    active = ~s["done"]
-    stop = (choice == EOS_ID) | (n >= cap)
-    write = active & ~stop
-    tokens = s["tokens"].at[jnp.arange(batch_size), jnp.where(write, n + 1, cap + 1)].set(
-        choice.astype(jnp.int32), mode="drop")
-    return dict(tokens=tokens, length=n + write, done=s["done"] | stop,
-                calls=s["calls"] + active, logprob=s["logprob"] + jnp.where(active, logp, 0.0),
-                step=s["step"] + 1, rng=rng)
+    return dict(_next_token(s, logits, key, cfg, banned), step=s["step"] + 1, rng=rng)
 
   out = jax.lax.while_loop(cond, body, init)
   tokens = out["tokens"][:, 1:]
@@ -633,29 +645,15 @@ def sample_causal_cached(model, rng: jax.Array, cfg: SamplerConfig, *,
               cache=model.init_cache(batch_size, cap + 1))
   banned = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.array([PAD_ID, BOS_ID, UNK_ID])].set(
       True)
-  rows = jnp.arange(batch_size)
 
   def cond(s):
     return (s["step"] < cap + 1) & ~jnp.all(s["done"])
 
   def body(s):
     rng, key = jax.random.split(s["rng"])
-    n, step = s["length"], s["step"]
+    step = s["step"]
     logits, cache = model.decode_step(s["tokens"][:, step], step, s["cache"])
-    logits = jnp.where(banned, -jnp.inf, logits)
-    if cfg.temperature == 0.0:
-      choice = jnp.argmax(logits, axis=-1)
-    else:
-      choice = jax.random.categorical(key, _filter_logits(logits / cfg.temperature, cfg))
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), choice[:, None], axis=1)[:, 0]
-    active = ~s["done"]
-    stop = (choice == EOS_ID) | (n >= cap)
-    write = active & ~stop
-    tokens = s["tokens"].at[rows, jnp.where(write, n + 1, cap + 1)].set(
-        choice.astype(jnp.int32), mode="drop")
-    return dict(tokens=tokens, length=n + write, done=s["done"] | stop,
-                calls=s["calls"] + active, logprob=s["logprob"] + jnp.where(active, logp, 0.0),
-                step=step + 1, rng=rng, cache=cache)
+    return dict(_next_token(s, logits, key, cfg, banned), step=step + 1, rng=rng, cache=cache)
 
   out = jax.lax.while_loop(cond, body, init)
   tokens = out["tokens"][:, 1:]
