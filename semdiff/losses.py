@@ -182,7 +182,8 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
   """
   k_score, k_level, k_front, k_frac, k_tree = jax.random.split(rng, 5)
   scores = scorers.significance(tokens, mask, k_score, stats, scorer_cfg)
-  depth = noising.insertion_depth(scores, mask)
+  ancestor = noising.ancestors(scores, mask)  # built once: depths and tree frontiers
+  depth = noising.depth_from_ancestors(ancestor, mask)
   height = noising.tree_height(depth, mask)
   level = jax.random.randint(k_level, height.shape, 0, height + 1)
   draw = jax.random.uniform(k_front, height.shape)
@@ -193,7 +194,7 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     # "both": the lower half of the frontier draws are tree-shaped.
     share = 1.0 if noise_cfg.frontier_kind == "tree" else 0.5
     tree = ~exact & (draw < noise_cfg.frontier_prob * share)
-    keep = jnp.where(tree[:, None], noising.tree_frontier_keep(depth, mask, k_tree), keep)
+    keep = jnp.where(tree[:, None], noising.tree_frontier_keep(ancestor, mask, k_tree), keep)
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
   return noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
 

@@ -44,23 +44,25 @@ class Noised(NamedTuple):
   length: jax.Array
 
 
-def insertion_depth(scores: jax.Array, mask: jax.Array) -> jax.Array:
-  """Depth of every token in the max-Cartesian tree of its sequence's scores.
+def ancestors(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """The ancestor relation of the max-Cartesian tree of each sequence's scores.
 
   O(L^2) compare-and-scan: token j < i is an ancestor of i iff s_j is a strict
   running maximum when scanning leftwards from i (starting from s_i), and
-  likewise to the right.
+  likewise to the right; i.e. s_j is the maximum of s over the closed range
+  between i and j.
 
   Args:
     scores: float [B, L] significance scores; real tokens' scores are distinct.
     mask: bool [B, L], true on real tokens, which form a prefix.
 
   Returns:
-    int32 [B, L]: depth of each real token (root 0); ``L`` on padding.
+    bool [B, L, L]: ``[b, i, j]`` true when real token j is an ancestor of real
+    token i (not i itself).
   """
   scores = jnp.asarray(scores)
   mask = jnp.asarray(mask, bool)
-  batch, length = scores.shape
+  length = scores.shape[1]
   neg = jnp.asarray(-jnp.inf, scores.dtype)
   s = jnp.where(mask, scores, neg)
   idx = jnp.arange(length)
@@ -70,13 +72,29 @@ def insertion_depth(scores: jax.Array, mask: jax.Array) -> jax.Array:
   right = jnp.where(idx[None, None, :] >= idx[None, :, None], s[:, None, :], neg)
   right = jax.lax.cummax(right, axis=2)  # j >= i: max s[i..j]
   range_max = jnp.where(idx[None, None, :] <= idx[None, :, None], left, right)
-  is_ancestor = (
-      (s[:, None, :] == range_max)
-      & (idx[None, :, None] != idx[None, None, :])
-      & mask[:, None, :]
-  )
-  depth = jnp.sum(is_ancestor, axis=2, dtype=jnp.int32)
-  return jnp.where(mask, depth, jnp.int32(length))
+  return ((s[:, None, :] == range_max)
+          & (idx[None, :, None] != idx[None, None, :])
+          & mask[:, None, :] & mask[:, :, None])
+
+
+def depth_from_ancestors(ancestor: jax.Array, mask: jax.Array) -> jax.Array:
+  """int32 [B, L]: the number of ancestors of each real token; ``L`` on padding."""
+  depth = jnp.sum(ancestor, axis=2, dtype=jnp.int32)
+  return jnp.where(mask, depth, jnp.int32(mask.shape[1]))
+
+
+def insertion_depth(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Depth of every token in the max-Cartesian tree of its sequence's scores.
+
+  Args:
+    scores: float [B, L] significance scores; real tokens' scores are distinct.
+    mask: bool [B, L], true on real tokens, which form a prefix.
+
+  Returns:
+    int32 [B, L]: depth of each real token (root 0); ``L`` on padding.
+  """
+  mask = jnp.asarray(mask, bool)
+  return depth_from_ancestors(ancestors(scores, mask), mask)
 
 
 def tree_height(depth: jax.Array, mask: jax.Array) -> jax.Array:
@@ -171,35 +189,7 @@ def frontier_keep(
   return (depth < level) | ((depth == level) & coin)
 
 
-def ancestors(depth: jax.Array, mask: jax.Array) -> jax.Array:
-  """The ancestor relation of the Cartesian tree, read off the depths.
-
-  Token j is an ancestor of i exactly when j is the strictly shallowest token
-  of the closed range between them (the range's most significant token is
-  the common ancestor of all of it). O(L^2), like `insertion_depth`.
-
-  Args:
-    depth: int [B, L] from `insertion_depth`; mask: bool [B, L].
-
-  Returns:
-    bool [B, L, L]: ``[b, i, j]`` true when j is an ancestor of i (not i itself).
-  """
-  depth = jnp.asarray(depth, jnp.int32)
-  mask = jnp.asarray(mask, bool)
-  length = depth.shape[1]
-  big = jnp.int32(np.iinfo(np.int32).max)
-  d = jnp.where(mask, depth, big)
-  idx = jnp.arange(length)
-  left = jnp.where(idx[None, None, :] <= idx[None, :, None], d[:, None, :], big)
-  left = jax.lax.cummin(left, axis=2, reverse=True)  # j <= i: min d[j..i]
-  right = jnp.where(idx[None, None, :] >= idx[None, :, None], d[:, None, :], big)
-  right = jax.lax.cummin(right, axis=2)  # j >= i: min d[i..j]
-  range_min = jnp.where(idx[None, None, :] <= idx[None, :, None], left, right)
-  return ((d[:, None, :] == range_min) & (d[:, None, :] < d[:, :, None])
-          & mask[:, None, :] & mask[:, :, None])
-
-
-def tree_frontier_keep(depth: jax.Array, mask: jax.Array, rng: jax.Array) -> jax.Array:
+def tree_frontier_keep(ancestor: jax.Array, mask: jax.Array, rng: jax.Array) -> jax.Array:
   """A random frontier state of any shape: a parent-closed subset of the tree.
 
   Every token gets a random time ``t_i = sum of u_j`` over itself and its
@@ -210,7 +200,8 @@ def tree_frontier_keep(depth: jax.Array, mask: jax.Array, rng: jax.Array) -> jax
   that fills its most confident gaps first runs into.
 
   Args:
-    depth: int [B, L] from `insertion_depth`; mask: bool [B, L].
+    ancestor: bool [B, L, L] from `ancestors` (the tree the depths came from).
+    mask: bool [B, L].
     rng: PRNG key.
 
   Returns:
@@ -219,8 +210,7 @@ def tree_frontier_keep(depth: jax.Array, mask: jax.Array, rng: jax.Array) -> jax
   k_u, k_t = jax.random.split(rng)
   mask = jnp.asarray(mask, bool)
   u = 1.0 - jax.random.uniform(k_u, mask.shape)  # (0, 1]
-  anc = ancestors(depth, mask)
-  times = u + jnp.einsum("bij,bj->bi", anc.astype(jnp.float32), u)
+  times = u + jnp.einsum("bij,bj->bi", ancestor.astype(jnp.float32), u)
   last = jnp.max(jnp.where(mask, times, 0.0), axis=1, keepdims=True)
   cut = jax.random.uniform(k_t, (mask.shape[0], 1)) * last
   return mask & (times < cut)

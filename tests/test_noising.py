@@ -182,7 +182,7 @@ def test_ancestors_match_the_definition():
   rng = np.random.default_rng(5)
   tokens, mask, lengths, raw = random_batch(rng, 16, 20, False)
   depth = noising.insertion_depth(raw, mask)
-  anc = np.asarray(noising.ancestors(depth, mask))
+  anc = np.asarray(noising.ancestors(raw, mask))
   for b, n in enumerate(lengths):
     s = np.asarray(raw)[b]
     for i in range(20):
@@ -199,8 +199,8 @@ def test_tree_frontier_states_are_parent_closed_with_reference_targets():
   rng = np.random.default_rng(7)
   tokens, mask, lengths, raw = random_batch(rng, 64, 24, False)
   depth = noising.insertion_depth(raw, mask)
-  anc = np.asarray(noising.ancestors(depth, mask))
-  keep = np.asarray(noising.tree_frontier_keep(depth, mask, jax.random.key(2)))
+  anc = np.asarray(noising.ancestors(raw, mask))
+  keep = np.asarray(noising.tree_frontier_keep(jnp.asarray(anc), mask, jax.random.key(2)))
   assert not keep[~np.asarray(mask)].any()
   # Closed under parent: a kept token's ancestors are all kept.
   assert not np.any(keep[:, :, None] & anc & ~keep[:, None, :])
