@@ -54,10 +54,10 @@ def draw(exp, params, cfg: sampling.SamplerConfig, num: int, rng, *,
   tok = exp.tokenizer
   if exp.config.model_kind != "insertion":
     if cfg.keywords or cfg.prompt or cfg.infill or cfg.uses_embedding:
-      raise ValueError(f"The {exp.config.model_kind} baseline has no conditioning: drop the "
+      raise ValueError(f"The {exp.config.model_kind} model has no conditioning: drop the "
                        "keywords, prompt, infill, epsilon and delta settings.")
-    make = (sampling.make_causal_cached_sampler if exp.config.model_kind == "causal"
-            else sampling.make_masked_sampler)
+    make = {"causal": sampling.make_causal_cached_sampler, "tree": sampling.make_tree_sampler,
+            "masked": sampling.make_masked_sampler}[exp.config.model_kind]
     samples = jax.device_get(make(exp.graphdef, cfg, num)(params,
                                                           rng if rng.shape == () else rng[0]))
   else:

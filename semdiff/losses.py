@@ -95,6 +95,7 @@ class Packed(NamedTuple):
       g and g+1, or -1 (padding, or a boundary between two canvases).
     gap_source: int32 [R, W-1], index of the canvas the gap belongs to, or -1.
     dropped: int32 [], canvases that did not fit (their gaps are left out).
+    extra: more target arrays packed like ``gap_targets`` (-1 = none there).
   """
 
   tokens: jax.Array
@@ -103,10 +104,14 @@ class Packed(NamedTuple):
   gap_targets: jax.Array
   gap_source: jax.Array
   dropped: jax.Array
+  extra: tuple = ()
 
 
-def pack(tokens, segment_ids, positions, gap_targets, *, rows: int) -> Packed:
+def pack(tokens, segment_ids, positions, gap_targets, *, rows: int, extra=()) -> Packed:
   """Packs N unpacked canvases ([N, T] inputs, [N, T-1] gap targets) into [rows, T].
+
+  ``extra``: further per-position targets ([N, <= T], -1 where there is none) packed
+  the same way as ``gap_targets``.
 
   Next-fit in the given order (a scan over canvases, not tokens): a canvas
   goes to the current row if it fits, else to the next row; canvases past the
@@ -143,7 +148,8 @@ def pack(tokens, segment_ids, positions, gap_targets, *, rows: int) -> Packed:
       positions=scatter(positions, 0, real),
       gap_targets=scatter(gap_targets, -1, gap_valid),
       gap_source=scatter(source, -1, gap_valid),
-      dropped=jnp.sum(~fits & (lengths > 0)).astype(jnp.int32))
+      dropped=jnp.sum(~fits & (lengths > 0)).astype(jnp.int32),
+      extra=tuple(scatter(e, -1, (e >= 0) & fits[:, None]) for e in extra))
 
 
 def gap_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -264,6 +270,100 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
       "mean_height": jnp.mean(height.astype(jnp.float32)),
   }
   return loss, metrics
+
+
+def tree_inputs(tokens, mask, depth, child, root, none_id: int):
+  """The tree model's one-pass canvas and child targets of whole sentences.
+
+  Args:
+    tokens: int [B, L]; mask: bool [B, L]; depth: int [B, L];
+    child, root: from `noising.children`.
+    none_id: the model's ``none`` id.
+
+  Returns:
+    ((tokens, segment_ids, times) int32 [B, L+2] each: ``[BOS] x [EOS]`` with each token's
+    depth as its insertion step, -1 for BOS and EOS; targets int32 [B, L+2, 2]: the left and
+    right child of every token (``none_id`` where it has none), the root at BOS's right, -1
+    where nothing is predicted).
+  """
+  batch, max_len = tokens.shape
+  n = jnp.sum(mask, axis=1)[:, None]
+  pos = jnp.arange(max_len + 2)[None, :]
+  tokens = tokens.astype(jnp.int32)
+  canvas, segment_ids, _ = canvas_inputs(tokens, n[:, 0])
+  body = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), depth.astype(jnp.int32),
+                          jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  times = jnp.where((pos == 0) | (pos == n + 1), -1, jnp.where(pos <= n, body, 0))
+  kid = jnp.where(child >= 0, jnp.take_along_axis(
+      tokens[:, :, None], jnp.maximum(child, 0), axis=1), none_id)
+  kid = jnp.where(mask[..., None], kid, -1)
+  first = jnp.where(root >= 0, jnp.take_along_axis(tokens, jnp.maximum(root, 0)[:, None], 1)[:, 0],
+                    none_id)
+  bos = jnp.stack([jnp.full((batch,), -1, jnp.int32), first.astype(jnp.int32)], axis=-1)
+  end = jnp.full((batch, 1, 2), -1, jnp.int32)
+  targets = jnp.concatenate([bos[:, None], kid.astype(jnp.int32), end], axis=1)
+  return (canvas, segment_ids, times.astype(jnp.int32)), targets
+
+
+def tree_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
+  """Training loss of the tree model: every level of every sentence, teacher-forced at once.
+
+  The 2n + 1 child predictions of a sentence sum to -log p(path) exactly (the bound of
+  DESIGN section 2 without sampling a level). Sentences are packed several to a row with
+  ``noise_cfg.causal_pack_rows`` (like the causal baseline's), else one per row. Metric keys
+  are the insertion loss's.
+  """
+  none_id = model.none_id
+  scores = scorers.significance(tokens, mask, rng, stats, scorer_cfg)
+  ancestor = noising.ancestors(scores, mask)
+  depth = noising.depth_from_ancestors(ancestor, mask)
+  height = noising.tree_height(depth, mask)
+  child, root = noising.children(ancestor, depth, mask)
+  inputs, targets = tree_inputs(tokens, mask, depth, child, root, none_id)
+  left, right = targets[..., 0], targets[..., 1]
+  num = tokens.shape[0]
+  dropped = jnp.int32(0)
+  if noise_cfg is not None and noise_cfg.causal_pack_rows:
+    packed = pack(*inputs, left, rows=noise_cfg.causal_pack_rows, extra=(right,))
+    inputs = (packed.tokens, packed.segment_ids, packed.positions)
+    left, (right,), dropped = packed.gap_targets, packed.extra, packed.dropped
+    source = packed.segment_ids - 1  # the sentence of each packed position, -1 on padding
+  else:
+    source = jnp.where(inputs[1] > 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
+  targets = jnp.stack([left, right], axis=-1)
+  logits = model(*inputs)  # [rows, T, 2, V+1]
+  valid = targets >= 0
+  nll = gap_nll(logits, targets)
+  count = jnp.sum(valid)
+  loss = jnp.sum(nll) / jnp.maximum(count, 1)
+  embed = jnp.float32(0.0)
+  if noise_cfg is not None and noise_cfg.embed_loss_weight:
+    embed = jnp.sum(embedding_distance(logits, targets, model.output_table())) / jnp.maximum(
+        count, 1)
+    loss = loss + noise_cfg.embed_loss_weight * embed
+  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  where = jnp.where(valid, source[..., None], num).ravel()
+  sentence_nll = jax.ops.segment_sum(nll.ravel(), where, num_segments=num + 1)[:num]
+  kept = jax.ops.segment_sum(valid.ravel().astype(jnp.int32), where,
+                             num_segments=num + 1)[:num] > 0
+  counted = kept & jnp.any(mask, axis=1)
+  path_nll = sentence_nll - scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
+  n_tokens = jnp.sum(mask, axis=1)
+  return loss, {
+      "loss": loss,
+      "gap_nll_sum": jnp.sum(nll),
+      "gap_count": count.astype(jnp.float32),
+      "gap_correct": jnp.sum(correct).astype(jnp.float32),
+      "embed_distance": embed,
+      "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
+      "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
+      "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
+      "tokens": jnp.sum(mask).astype(jnp.float32),
+      "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
+      "computed_positions": jnp.float32(inputs[1].size),
+      "dropped_states": dropped.astype(jnp.float32),
+      "mean_height": jnp.mean(height.astype(jnp.float32)),
+  }
 
 
 def ar_inputs(tokens, mask):

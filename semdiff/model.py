@@ -117,10 +117,17 @@ class Block(nnx.Module):
                           (d, 2, cfg.mlp_dim), ("embed", None, "mlp"))
     self.down = _param(rngs, init, (cfg.mlp_dim, d), ("mlp", "embed"))
 
-  def __call__(self, x, positions, attn_mask):
-    """x: [B, T, D]; positions: int [B, T]; attn_mask: bool [B, T, T] (query, key)."""
+  def __call__(self, x, positions, attn_mask, bias=None):
+    """One block.
+
+    Args:
+      x: [B, T, D].
+      positions: int [B, T] rotary positions, or None (no rotary: ``bias`` carries order).
+      attn_mask: bool [B, T, T] (query, key).
+      bias: optional float32 [B, H, T, T] added to the attention logits.
+    """
     q, k, v = self._qkv(x, positions)
-    return self._finish(x, q, k, v, attn_mask)
+    return self._finish(x, q, k, v, attn_mask, bias)
 
   def decode(self, x, position, cache: dict):
     """One new position with cached keys and values (causal decoding).
@@ -148,13 +155,17 @@ class Block(nnx.Module):
     y = self.attn_norm(x)
     q, k, v = jnp.unstack(
         jnp.einsum("btd,dchk->cbthk", y, self.qkv[...].astype(cfg.compute_dtype)), axis=0)
+    if positions is None:
+      return q, k, v
     return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
 
-  def _finish(self, x, q, k, v, attn_mask):
+  def _finish(self, x, q, k, v, attn_mask, bias=None):
     """Attention of q [B, Q, H, K] over k, v [B, S, H, K] (mask [B, Q, S]), then the MLP."""
     dt = self.cfg.compute_dtype
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    if bias is not None:
+      logits = logits + bias
     logits = jnp.where(attn_mask[:, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     attn = jnp.einsum("bhqs,bshk->bqhk", probs, v)
@@ -264,6 +275,139 @@ class InsertionTransformer(nnx.Module):
     return self.backbone.embed[...]
 
 
+TREE_MAX_DISTANCE = 32  # relative distances beyond this share one bias (per sign)
+TREE_MAX_TIME = 63      # insertion steps beyond this share one time embedding
+
+
+def tree_attention(segment_ids: jax.Array, times: jax.Array):
+  """Who sees whom in a tree-causal canvas, and how far apart they are.
+
+  Token i (inserted at step ``times[i]``; BOS and EOS at -1) attends to token j
+  iff j is in its segment and ``times[j] <= times[i]``: it sees exactly the
+  canvas it was inserted into plus its siblings of the same step, so its hidden
+  state never changes once it is in the canvas (the tree analogue of a causal
+  mask). The distance of j from i counts only the tokens i sees, so it too is
+  fixed at insertion.
+
+  Args:
+    segment_ids: int [B, T], 0 on padding.
+    times: int [B, T].
+
+  Returns:
+    (visible bool [B, T, T] (query, key; padding sees itself), distance int32
+    [B, T, T]: signed number of visible tokens from i to j, -1 = i's left
+    neighbour in its own view, +1 = its right neighbour).
+  """
+  real = segment_ids > 0
+  visible = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & real[:, None, :]
+             & (times[:, None, :] <= times[:, :, None]))
+  visible |= jnp.eye(segment_ids.shape[1], dtype=bool)[None]
+  count = jnp.cumsum(visible, axis=2, dtype=jnp.int32)
+  own = jnp.diagonal(count, axis1=1, axis2=2)[:, :, None]
+  return visible, count - own
+
+
+class TreeInsertionTransformer(nnx.Module):
+  """The insertion model with tree-causal attention: every level in one pass.
+
+  The canvas ``[BOS] x [EOS]`` carries each token's insertion step ``t``
+  (its depth in the Cartesian tree when the levels are inserted one per step).
+  Attention is tree-causal (`tree_attention`): a token sees the tokens inserted
+  no later than itself, with relative-distance biases counted in its own view
+  instead of rotary positions, so its hidden state is the same in every later
+  draft. Each token then predicts its two children in the tree: the token to
+  insert into the gap on its left and the one on its right (or ``none``), from
+  the pair of hidden states around that gap. Every gap of a draft is owned by
+  the later-inserted of its two neighbours (BOS for the first gap of the empty
+  canvas), and only its owner's prediction is used; a gap that says ``none``
+  is empty for good. So one forward pass over the whole sentence teacher-forces
+  all levels at once: 2n + 1 predictions from n + 2 positions, as dense a
+  signal as an autoregressive model's, and -log p(path) exactly.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Backbone(cfg, rngs)
+    d, h = cfg.d_model, cfg.num_heads
+    self.rel_bias = _param(rngs, nnx.initializers.zeros,
+                           (cfg.num_layers, 2 * TREE_MAX_DISTANCE + 1, h), (None, None, "heads"))
+    self.time_embed = _param(rngs, nnx.initializers.normal(0.02), (TREE_MAX_TIME + 1, d),
+                             (None, "embed"))
+    self.gap_in = _param(rngs, nnx.initializers.lecun_normal(), (2 * d, d), (None, "embed"))
+    self.side_embed = _param(rngs, nnx.initializers.normal(0.02), (2, d), (None, "embed"))
+    self.gap_norm = RMSNorm(d, rngs)
+    self.none_embed = _param(rngs, nnx.initializers.normal(1.0), (1, d), (None, "embed"))
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (d, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  @property
+  def none_id(self) -> int:
+    return self.cfg.vocab_size
+
+  def __call__(self, tokens, segment_ids, times):
+    """Child logits of every position.
+
+    Args:
+      tokens: int [B, T], canvases ``[BOS] x [EOS]`` (one or more per row).
+      segment_ids: int [B, T], 0 on padding.
+      times: int [B, T], insertion step of each token (-1 for BOS and EOS).
+
+    Returns:
+      float32 [B, T, 2, V+1]: ``[..., 0, :]`` the left child (the gap between a
+      token and its left neighbour in its own view), ``[..., 1, :]`` the right one.
+      Meaningful for real tokens' both sides and BOS's right side.
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    backbone = self.backbone
+    visible, distance = tree_attention(segment_ids, times)
+    bucket = jnp.clip(distance, -TREE_MAX_DISTANCE, TREE_MAX_DISTANCE) + TREE_MAX_DISTANCE
+    x = jnp.take(backbone.embed[...], tokens, axis=0)
+    x = x + jnp.take(self.time_embed[...], jnp.clip(times + 1, 0, TREE_MAX_TIME), axis=0)
+    x = x.astype(dt)
+    for layer, block in enumerate(backbone.blocks):
+      bias = jnp.moveaxis(jnp.take(self.rel_bias[layer], bucket, axis=0), -1, 1)  # [B,H,T,T]
+      if cfg.remat:
+        x = nnx.remat(lambda blk, x_, b_: blk(x_, None, visible, b_))(block, x, bias)
+      else:
+        x = block(x, None, visible, bias)
+    h = backbone.final_norm(x)
+    # Each position's neighbours in its own view (itself where there is none: BOS's left).
+    idx = jnp.arange(tokens.shape[1])
+    left = jnp.max(jnp.where(visible & (distance == -1), idx, -1), axis=2)
+    right = jnp.max(jnp.where(visible & (distance == 1), idx, -1), axis=2)
+    left = jnp.where(left < 0, idx[None], left)
+    right = jnp.where(right < 0, idx[None], right)
+    gather = lambda i: jnp.take_along_axis(h, i[..., None], axis=1)
+    pairs = jnp.stack([jnp.concatenate([gather(left), h], -1),
+                       jnp.concatenate([h, gather(right)], -1)], axis=2)  # [B, T, 2, 2D]
+    g = jnp.einsum("btsc,cd->btsd", pairs, self.gap_in[...].astype(dt))
+    g = self.gap_norm(jax.nn.gelu(g + self.side_embed[...].astype(dt)))
+    return jnp.einsum("btsd,vd->btsv", g, self.output_table().astype(dt)).astype(jnp.float32)
+
+  def gap_logits(self, tokens, segment_ids, times):
+    """float32 [B, T-1, V+1]: the owner's prediction for gap g (between positions g, g+1).
+
+    The owner is the later-inserted neighbour; on a tie (only BOS and EOS of the empty
+    canvas) the left one. Gaps whose owner was inserted earlier than the latest step are
+    still given (their logits never change); the sampler closes a gap once it says none.
+    """
+    logits = self(tokens, segment_ids, times)
+    right_owns = times[:, 1:] > times[:, :-1]
+    return jnp.where(right_owns[..., None], logits[:, 1:, 0], logits[:, :-1, 1])
+
+  def output_table(self) -> jax.Array:
+    """[V+1, D]: output embedding of every id, ``none`` last."""
+    table = self.backbone.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
+    scale = 1.0 / jnp.sqrt(jnp.float32(self.cfg.d_model))
+    return jnp.concatenate([table, self.none_embed[...]], axis=0) * scale
+
+  def token_embedding(self) -> jax.Array:
+    """[V, D]: the input embedding table (embedding losses and scorers)."""
+    return self.backbone.embed[...]
+
+
 class CausalTransformer(nnx.Module):
   """The autoregressive baseline: same backbone, causal mask, next-token head."""
 
@@ -346,12 +490,12 @@ class MaskedDiffusionTransformer(nnx.Module):
     return jnp.einsum("btd,dv->btv", h, table.astype(cfg.compute_dtype)).astype(jnp.float32)
 
 
-MODELS = {"insertion": InsertionTransformer, "causal": CausalTransformer,
-          "masked": MaskedDiffusionTransformer}
+MODELS = {"insertion": InsertionTransformer, "tree": TreeInsertionTransformer,
+          "causal": CausalTransformer, "masked": MaskedDiffusionTransformer}
 
 
 def build(kind: str, cfg: ModelConfig, seed: int = 0):
-  """A freshly initialised model of ``kind`` ("insertion", "causal" or "masked")."""
+  """A freshly initialised model of ``kind`` (a key of MODELS)."""
   if kind not in MODELS:
     raise ValueError(f"Unknown model kind {kind!r}; choose one of {sorted(MODELS)}.")
   return MODELS[kind](cfg, rngs=nnx.Rngs(params=seed))

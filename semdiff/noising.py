@@ -216,6 +216,33 @@ def tree_frontier_keep(ancestor: jax.Array, mask: jax.Array, rng: jax.Array) -> 
   return mask & (times < cut)
 
 
+def children(ancestor: jax.Array, depth: jax.Array, mask: jax.Array) -> jax.Array:
+  """Each token's left and right child in the Cartesian tree, and the root.
+
+  Token j is a child of i when i is its ancestor one level up. At level
+  ``depth[i] + 1`` the gaps on either side of i hold exactly i's two subtrees,
+  so i's children are the gap targets of those two gaps (DESIGN section 1).
+
+  Args:
+    ancestor: bool [B, L, L] from `ancestors`; depth: int [B, L]; mask: bool [B, L].
+
+  Returns:
+    (child int32 [B, L, 2]: index of the left ([..., 0]) and right ([..., 1])
+    child, -1 for none (and on padding); root int32 [B], -1 for an empty sequence).
+  """
+  depth = jnp.asarray(depth, jnp.int32)
+  mask = jnp.asarray(mask, bool)
+  length = depth.shape[1]
+  idx = jnp.arange(length)
+  # is_child[b, i, j]: j is a child of i.
+  is_child = jnp.swapaxes(ancestor, 1, 2) & (depth[:, None, :] == depth[:, :, None] + 1)
+  left = jnp.max(jnp.where(is_child & (idx[None, None, :] < idx[None, :, None]), idx, -1), 2)
+  right = jnp.max(jnp.where(is_child & (idx[None, None, :] > idx[None, :, None]), idx, -1), 2)
+  child = jnp.where(mask[..., None], jnp.stack([left, right], -1), -1).astype(jnp.int32)
+  root = jnp.max(jnp.where(mask & (depth == 0), idx, -1), axis=1).astype(jnp.int32)
+  return child, root
+
+
 def drafts(tokens: np.ndarray, depth: np.ndarray) -> list[list[int]]:
   """The whole draft sequence of one example, for display.
 

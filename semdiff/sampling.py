@@ -86,6 +86,11 @@ class SamplerConfig:
       model's input embedding) or "fixed" (pass ``embedding=`` to `sample`).
     keywords, prompt, infill: conditioning texts, turned into the start canvas
       and open gaps by `conditioning` (the compiled loop never reads them).
+    stop_filter: how temperature, top-k and top-p treat ``none``. "joint": as
+      one more choice beside the tokens (truncating the tail of the tokens
+      then raises the chance of ``none``, so nucleus sampling shortens the
+      text). "separate": a gap first stops with the model's own probability of
+      ``none``; only when it inserts do the filters pick its token.
   """
 
   temperature: float = 1.0
@@ -105,6 +110,7 @@ class SamplerConfig:
   keywords: str = ""
   prompt: str = ""
   infill: str = ""
+  stop_filter: str = "joint"
 
   @property
   def uses_embedding(self) -> bool:
@@ -117,6 +123,9 @@ class SamplerConfig:
     values = {k: v for k, v in dict(config).items() if k in fields}
     values.update(overrides)
     cfg = cls(**values)
+    if cfg.stop_filter not in ("joint", "separate"):
+      raise ValueError(f"sampler.stop_filter must be 'joint' or 'separate', got "
+                       f"{cfg.stop_filter!r}.")
     if cfg.select not in ("sample", "certainty"):
       raise ValueError(f"sampler.select must be 'sample' or 'certainty', got {cfg.select!r}.")
     if cfg.gaps not in ("all", "last"):
@@ -202,6 +211,24 @@ def insert(canvas: jax.Array, length: jax.Array, choice: jax.Array, do_insert: j
   return new, length + jnp.sum(ins, axis=1)
 
 
+def _choose(logits, keys, cfg: SamplerConfig):
+  """Every gap's choice, int32 [B, G], from logits [B, G, V+1] (``none`` last).
+
+  ``keys``: [B] PRNG keys, one per example. See ``SamplerConfig.stop_filter``.
+  """
+  if cfg.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1)
+  categorical = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))
+  if cfg.stop_filter == "joint":
+    return categorical(keys, _filter_logits(logits / cfg.temperature, cfg))
+  none_id = logits.shape[-1] - 1
+  stop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  p_none = jax.nn.softmax(logits, axis=-1)[..., none_id]
+  stop = jax.vmap(lambda k, p: jax.random.uniform(k, p.shape) < p)(stop_keys, p_none)
+  tokens = _filter_logits(logits[..., :none_id] / cfg.temperature, cfg)
+  return jnp.where(stop, none_id, categorical(keys, tokens))
+
+
 def _step(model, canvas, length, keys, cfg: SamplerConfig):
   """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G].
 
@@ -216,11 +243,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig):
       True)
   logits = jnp.where(banned, -jnp.inf, logits)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  if cfg.temperature == 0.0:
-    choice = jnp.argmax(logits, axis=-1)
-  else:
-    filtered = _filter_logits(logits / cfg.temperature, cfg)
-    choice = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, filtered)
+  choice = _choose(logits, keys, cfg)
   chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
   gap = jnp.arange(cap + 1)[None, :]
   allowed = gap <= length[:, None]
@@ -471,6 +494,122 @@ def make_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
     model = nnx.merge(graphdef, params)
     return sample(model, rng, cfg, batch_size=batch_size, start=start, start_length=start_length,
                   open_gaps=open_gaps, embedding=embedding, idf=idf)
+
+  return run
+
+
+# Sampler settings the tree model does not take: each of its gaps is decided once, by the
+# hidden state of the gap's owner, which no later insertion changes, so waiting for
+# neighbours (confident-first) gains nothing; conditioning would need the start canvas's
+# insertion steps. The value each must have.
+TREE_FIXED = {"gaps": "all", "insert_per_step": 0, "insert_fraction": 1.0, "confidence": 0.0,
+              "select": "sample", "epsilon": 0.0, "delta": -1.0, "keywords": "", "prompt": "",
+              "infill": ""}
+
+
+def check_tree_sampler(cfg: SamplerConfig) -> None:
+  """Raises a one-line error for a sampler setting the tree model cannot honour."""
+  for name, value in TREE_FIXED.items():
+    got = getattr(cfg, name)
+    if got != value:
+      raise ValueError(
+          f"sampler.{name}={got!r} is not available with model_kind=tree (it decides each gap "
+          f"once, in parallel, and starts from the empty canvas): set "
+          f"--config.sampler.{name}={value!r}.")
+
+
+def sample_tree(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
+  """Generate with the tree model: every open gap decides once per step, in parallel.
+
+  The canvas starts empty (one open gap, owned by BOS). Each step runs the model on
+  ``[BOS] canvas [EOS]`` with every token's insertion step; each open gap takes its owner's
+  prediction (`TreeInsertionTransformer.gap_logits`) and picks a token or ``none``. A gap
+  that inserts becomes the two gaps around its new token, both open; a gap that says
+  ``none`` (or fails ``tau``) closes for good. A row stops when no gap is open, or at the
+  caps. So a sample takes height + 1 calls, like the level sampler, and its log-probability
+  is exactly the model's -log p(path).
+
+  Args:
+    model: a `TreeInsertionTransformer`; rng: one key or [B] keys (as `sample`'s);
+    cfg: sampler controls (static; see `check_tree_sampler`); batch_size: B.
+
+  Returns:
+    `Samples` (``moved`` all 0).
+  """
+  check_tree_sampler(cfg)
+  cap = cfg.max_len
+  none_id = model.none_id
+  steps = cfg.max_steps + 1
+  pos = jnp.arange(cap + 2)[None, :]
+  gap = jnp.arange(cap + 1)[None, :]
+  banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
+      True)
+  empty = jnp.full((batch_size, cap), PAD_ID, jnp.int32)
+  init = dict(canvas=empty, times=jnp.zeros((batch_size, cap), jnp.int32),
+              length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),
+              calls=jnp.zeros((batch_size,), jnp.int32),
+              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
+              keys=_example_keys(rng, batch_size), open=jnp.ones((batch_size, cap + 1), bool),
+              drafts=jnp.zeros((steps, batch_size, cap), jnp.int32),
+              draft_len=jnp.zeros((steps, batch_size), jnp.int32),
+              inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
+              inserted_prob=jnp.zeros((steps, batch_size, cap + 1), jnp.float32))
+
+  def cond(s):
+    return (s["step"] < cfg.max_steps) & ~jnp.all(s["done"])
+
+  def body(s):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
+    n = s["length"][:, None]
+    tokens, segment_ids, _ = losses.canvas_inputs(s["canvas"], s["length"])
+    inner = jnp.concatenate([jnp.zeros((batch_size, 1), jnp.int32), s["times"],
+                             jnp.zeros((batch_size, 1), jnp.int32)], axis=1)
+    times = jnp.where((pos == 0) | (pos == n + 1), -1, jnp.where(pos <= n, inner, 0))
+    logits = model.gap_logits(tokens, segment_ids, times)  # [B, C+1, V+1]
+    logits = jnp.where(banned, -jnp.inf, logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    choice = _choose(logits, keys, cfg)
+    chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
+    active = ~s["done"]
+    deciding = active[:, None] & s["open"] & (gap <= n)
+    do_insert = deciding & (choice != none_id)
+    if cfg.tau > 0:
+      do_insert &= chosen_logp >= jnp.log(cfg.tau)
+    do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
+    canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
+    new_times, _ = insert(s["times"], s["length"], jnp.full_like(choice, s["step"]), do_insert)
+    # Decided gaps close; one that inserted reopens as the two gaps around its new token.
+    new_open = update_open_gaps(s["open"] & ~(deciding & ~do_insert), do_insert)
+    finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
+    step = s["step"] + 1
+    return dict(
+        canvas=canvas, times=new_times, length=length,
+        done=s["done"] | finished | overflow | (length >= cap),
+        calls=s["calls"] + active.astype(jnp.int32),
+        logprob=s["logprob"] + jnp.sum(jnp.where(deciding, chosen_logp, 0.0), axis=1),
+        step=step, keys=s["keys"], open=new_open,
+        drafts=s["drafts"].at[step].set(canvas), draft_len=s["draft_len"].at[step].set(length),
+        inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
+        inserted_prob=s["inserted_prob"].at[step].set(
+            jnp.where(do_insert, jnp.exp(chosen_logp), 0.0)))
+
+  out = jax.lax.while_loop(cond, body, init)
+  taken = jnp.arange(steps) <= out["step"]
+  drafts = jnp.where(taken[:, None, None], out["drafts"], out["canvas"][None])
+  draft_len = jnp.where(taken[:, None], out["draft_len"], out["length"][None])
+  return Samples(tokens=out["canvas"], length=out["length"], calls=out["calls"],
+                 drafts=drafts, draft_length=draft_len, inserted_logprob=out["logprob"],
+                 inserted=out["inserted"], inserted_prob=out["inserted_prob"],
+                 moved=jnp.zeros((steps, batch_size), jnp.float32))
+
+
+def make_tree_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
+  """A jitted ``fn(params, rng) -> Samples`` for the tree model (`sample_tree`)."""
+  check_tree_sampler(cfg)
+
+  @jax.jit
+  def run(params, rng):
+    return sample_tree(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
 
   return run
 
