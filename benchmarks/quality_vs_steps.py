@@ -39,7 +39,8 @@ _VARIANT = flags.DEFINE_string("variant", "small", "Config variant of configs/de
 _OUT = flags.DEFINE_string("out", "results/quality", "Output folder (workdirs, table, plot).")
 _SAMPLES = flags.DEFINE_integer("num_samples", 256, "Samples per sampler setting.")
 _OVERRIDES = flags.DEFINE_multi_string(
-    "set", [], "Config overrides for the insertion model, e.g. --set=noise.frontier_prob=0.5.")
+    "set", [], "Config overrides for the insertion-type models, e.g. "
+    "--set=noise.frontier_prob=0.5.")
 _MODELS = flags.DEFINE_list("models", ["causal", "insertion"], "Which models to train.")
 _MERGE = flags.DEFINE_list(
     "merge", [], "Output folders of earlier runs whose results.json join this table (e.g. the "
@@ -68,6 +69,24 @@ INSERTION_SETTINGS = {
     "certainty, one gap per step, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty",
                                                    insert_per_step=1),
 }
+# The tree and slot models decide every gap once; "separate" keeps p(none) out of top-p.
+_SEP = dict(_PLAIN, stop_filter="separate")
+TREE_SETTINGS = {
+    "all gaps, T=1": dict(_PLAIN),
+    "all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9),
+    "all gaps, top-p 0.9, separate stop": dict(_SEP, top_p=0.9),
+    "all gaps, T=0.7, separate stop": dict(_SEP, temperature=0.7),
+}
+SLOT_SETTINGS = {
+    **TREE_SETTINGS,
+    "certainty 0.5, top-p 0.9, separate stop": dict(_SEP, top_p=0.9, confidence=0.5),
+    "certainty 0.8, top-p 0.9, separate stop": dict(_SEP, top_p=0.9, confidence=0.8),
+    "certainty 0.95, top-p 0.9, separate stop": dict(_SEP, top_p=0.9, confidence=0.95),
+    "certainty 0.8, T=1": dict(_PLAIN, confidence=0.8),
+    "half the gaps, top-p 0.9, separate stop": dict(_SEP, top_p=0.9, insert_fraction=0.5),
+    "one gap per step, top-p 0.9, separate stop": dict(_SEP, top_p=0.9, insert_per_step=1),
+}
+SETTINGS = {"insertion": INSERTION_SETTINGS, "tree": TREE_SETTINGS, "slot": SLOT_SETTINGS}
 CAUSAL_SETTINGS = {"T=1": dict(_PLAIN), "top-p 0.9": dict(_PLAIN, top_p=0.9),
                    "T=0.7": dict(_PLAIN, temperature=0.7)}
 
@@ -78,8 +97,10 @@ def sample_quality(exp, params, settings, num, grammar) -> dict:
     cfg = sampling.SamplerConfig.from_config(exp.config.sampler, **overrides)
     if exp.config.model_kind == "causal":
       run = sampling.make_causal_sampler(exp.graphdef, cfg, num)
-    else:
+    elif exp.config.model_kind == "insertion":
       run = sampling.make_sampler(exp.graphdef, cfg, num)
+    else:
+      run = train.sampler_for(exp, num, cfg)
     t = time.time()
     samples = jax.device_get(run(params, jax.random.key(1234)))
     dt = time.time() - t
@@ -107,7 +128,9 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
   """Trains ``kind`` for the budget in ``out_dir/kind`` (once: a rerun resumes or reuses)."""
   config = config_files.load(variant=_VARIANT.value)
   config.model_kind = kind
-  if kind == "insertion":
+  if kind == "tree":  # decides every gap in parallel: no confident-first
+    config.sampler.confidence = 0.0
+  if kind != "causal":
     config_files.apply_overrides(config, dict(item.split("=", 1) for item in _OVERRIDES.value))
   workdir = os.path.join(out_dir, kind)
   plan_path = os.path.join(out_dir, f"{kind}_plan.json")
@@ -146,7 +169,7 @@ def main(argv):
   for kind in _MODELS.value:
     workdir, stats = train_model(kind, out_dir)
     exp, params = train.load_trained(workdir)
-    settings = CAUSAL_SETTINGS if kind == "causal" else INSERTION_SETTINGS
+    settings = CAUSAL_SETTINGS if kind == "causal" else SETTINGS[kind]
     results[kind] = {
         **stats,
         "params": int(sum(x.size for x in jax.tree.leaves(params))),

@@ -28,7 +28,7 @@ class NllEvaluator:
 
   Attributes:
     graphdef: the model's graph definition.
-    model_kind: "insertion", "tree", "causal" or "masked".
+    model_kind: "insertion", "tree", "slot", "causal" or "masked".
     stats, scorer_cfg: how the forward process scores tokens (insertion only).
 
   The masked-diffusion bound is not exact but a Monte-Carlo estimate of its ELBO:
@@ -68,6 +68,20 @@ class NllEvaluator:
       entropy = scorers.path_entropy(tokens, mask, depth, self.stats, self.scorer_cfg)
       return nll - entropy, noising.tree_height(depth, mask)
 
+    def slot(params, tokens, mask):  # the level order: the parallel sampler's path
+      model = nnx.merge(self.graphdef, params)
+      s = scorers.significance(tokens, mask, jax.random.key(12345), self.stats, self.scorer_cfg)
+      ancestor = noising.ancestors(s, mask)
+      depth = noising.depth_from_ancestors(ancestor, mask)
+      child, root = noising.children(ancestor, depth, mask)
+      level_order = jnp.zeros((tokens.shape[0],), bool)
+      times = losses.slot_schedule(ancestor, depth, mask, child, jax.random.key(0), level_order)
+      inputs, targets = losses.slot_inputs(tokens, mask, depth, child, root, *times,
+                                           model.slot_id, model.none_id)
+      nll = jnp.sum(losses.gap_nll(model(*inputs), targets), axis=1)
+      entropy = scorers.path_entropy(tokens, mask, depth, self.stats, self.scorer_cfg)
+      return nll - entropy, noising.tree_height(depth, mask)
+
     def causal(params, tokens, mask):
       inputs, targets = losses.ar_inputs(tokens, mask)
       logits = nnx.merge(self.graphdef, params)(*inputs)
@@ -93,6 +107,7 @@ class NllEvaluator:
     self._sweep = jax.jit(sweep)
     self._causal = jax.jit(causal)
     self._tree = jax.jit(tree)
+    self._slot = jax.jit(slot)
 
   def per_sentence(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     """(NLL in nats float64 [b], model calls per sentence [b]) for the real rows."""
@@ -102,8 +117,8 @@ class NllEvaluator:
       nll = np.asarray(self._causal(params, tokens, mask), np.float64)
       calls = np.asarray(batch["mask"]).sum(axis=1) + 1
       return nll[real], calls[real]
-    if self.model_kind == "tree":  # every level in one pass
-      nll, height = self._tree(params, tokens, mask)
+    if self.model_kind in ("tree", "slot"):  # every level in one pass
+      nll, height = (self._tree if self.model_kind == "tree" else self._slot)(params, tokens, mask)
       return np.asarray(nll, np.float64)[real], (np.asarray(height) + 1)[real]
     if self.model_kind == "masked":
       nll = np.asarray(self._masked(params, tokens, mask), np.float64)

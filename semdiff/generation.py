@@ -57,6 +57,7 @@ def draw(exp, params, cfg: sampling.SamplerConfig, num: int, rng, *,
       raise ValueError(f"The {exp.config.model_kind} model has no conditioning: drop the "
                        "keywords, prompt, infill, epsilon and delta settings.")
     make = {"causal": sampling.make_causal_cached_sampler, "tree": sampling.make_tree_sampler,
+            "slot": sampling.make_slot_sampler,
             "masked": sampling.make_masked_sampler}[exp.config.model_kind]
     samples = jax.device_get(make(exp.graphdef, cfg, num)(params,
                                                           rng if rng.shape == () else rng[0]))

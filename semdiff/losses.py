@@ -366,6 +366,146 @@ def tree_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   }
 
 
+# Slot-model times are integers in units of 1/TIME_SCALE step, so that random
+# (continuous) schedules and whole-step ones share one comparison.
+TIME_SCALE = 1_000_000
+
+
+def slot_schedule(ancestor, depth, mask, child, rng, random_order):
+  """Insertion times of tokens and decision times of their slots, one schedule per row.
+
+  Level order (``random_order`` False): a token's time is its depth; each slot decides one
+  step after its owner (its child, if any, is inserted then). Random order: every token
+  waits a uniform (0, 1] after its parent (times are sums over its ancestors), a slot with
+  a child decides when the child is inserted, and an empty slot a uniform (0, 1] after its
+  owner. Either way a slot sees exactly the tokens inserted before it decides.
+
+  Args:
+    ancestor: bool [B, L, L]; depth: int [B, L]; mask: bool [B, L];
+    child: int [B, L, 2] from `noising.children`; rng: PRNG key;
+    random_order: bool [B], which rows take the random schedule.
+
+  Returns:
+    (times int32 [B, L] of the tokens, slot_times int32 [B, L, 2] of their left and right
+    slots, root_time int32 [B] of BOS's slot), in units of 1/TIME_SCALE step.
+  """
+  k_u, k_none = jax.random.split(rng)
+  u = 1.0 - jax.random.uniform(k_u, mask.shape)
+  walk = u + jnp.einsum("bij,bj->bi", ancestor.astype(jnp.float32), u)
+  level = depth.astype(jnp.float32) + 1.0  # depth-d tokens at time d + 1: BOS, EOS at 0
+  t = jnp.where(random_order[:, None], walk, level)
+  t = jnp.where(mask, jnp.ceil(t * TIME_SCALE), 0).astype(jnp.int32)
+  wait = 1.0 - jax.random.uniform(k_none, child.shape)
+  empty = jnp.where(random_order[:, None, None], wait, 1.0)
+  empty = t[..., None] + jnp.ceil(empty * TIME_SCALE).astype(jnp.int32)
+  child_time = jnp.take_along_axis(t[:, :, None], jnp.maximum(child, 0).reshape(
+      child.shape[0], -1, 1), axis=1).reshape(child.shape)
+  slot_times = jnp.where(child >= 0, child_time, empty)
+  root = jnp.max(jnp.where(mask & (depth == 0), t, -1), axis=1)
+  root_time = jnp.where(root >= 0, root, TIME_SCALE)
+  return t, slot_times, root_time
+
+
+def slot_inputs(tokens, mask, depth, child, root, times, slot_times, root_time, slot_id: int,
+                none_id: int):
+  """The slot model's one-pass sequence: ``[BOS] S ( S x S )... [EOS]`` and its targets.
+
+  Token k sits at 3 + 3k between its left slot (2 + 3k) and right slot (4 + 3k); BOS's slot
+  (position 1) decides the root; EOS follows the last token's right slot.
+
+  Returns:
+    ((tokens, segment_ids, times) int32 [B, 3L+3]; targets int32 [B, 3L+3]: every slot's
+    decision (a token or ``none_id``), -1 elsewhere).
+  """
+  batch, max_len = tokens.shape
+  n = jnp.sum(mask, axis=1)
+  tokens = tokens.astype(jnp.int32)
+  kid = jnp.where(child >= 0, jnp.take_along_axis(
+      tokens[:, :, None], jnp.maximum(child, 0), axis=1), none_id)
+  first = jnp.where(root >= 0, jnp.take_along_axis(tokens, jnp.maximum(root, 0)[:, None], 1)[:, 0],
+                    none_id)
+  slot = jnp.full((batch, max_len), slot_id, jnp.int32)
+  body_tok = jnp.stack([slot, tokens, slot], axis=-1).reshape(batch, -1)
+  body_time = jnp.stack([slot_times[..., 0], times, slot_times[..., 1]], -1).reshape(batch, -1)
+  body_tgt = jnp.stack([kid[..., 0], jnp.full_like(tokens, -1), kid[..., 1]],
+                       -1).reshape(batch, -1)
+  body_real = jnp.repeat(mask, 3, axis=1)
+  width = 3 * max_len + 3
+  pos = jnp.arange(width)[None, :]
+  eos_at = (2 + 3 * n)[:, None]
+  col = lambda a, b, c: jnp.concatenate([a, b, c], axis=1)
+  one = lambda v: jnp.full((batch, 1), v, jnp.int32)
+  ids = col(jnp.concatenate([one(BOS_ID), slot[:, :1]], 1), body_tok, one(PAD_ID))
+  tms = col(jnp.concatenate([one(0), root_time[:, None]], 1), body_time, one(0))
+  tgt = col(jnp.concatenate([one(-1), first[:, None].astype(jnp.int32)], 1), body_tgt, one(-1))
+  real = col(jnp.ones((batch, 2), bool), body_real, jnp.zeros((batch, 1), bool))
+  ids = jnp.where(pos == eos_at, EOS_ID, jnp.where(real, ids, PAD_ID))
+  tms = jnp.where(pos == eos_at, 0, jnp.where(real, tms, 0))
+  tgt = jnp.where(real & (pos != eos_at), tgt, -1)
+  segment_ids = (real | (pos == eos_at)).astype(jnp.int32)
+  return (ids, segment_ids, tms.astype(jnp.int32)), tgt
+
+
+def slot_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
+  """Training loss of the slot model: a whole path per sentence in one pass.
+
+  A share ``noise_cfg.frontier_prob`` of the sentences take a random insertion order (so the
+  model learns to decide a gap later, with more context: confident-first sampling), the
+  rest the level order of the parallel sampler (whose -log p(path) is the reported bound).
+  Packed like the causal baseline (``noise_cfg.causal_pack_rows``, rows of width 3L + 3).
+  """
+  none_id = model.none_id
+  k_score, k_order, k_times = jax.random.split(rng, 3)
+  scores = scorers.significance(tokens, mask, k_score, stats, scorer_cfg)
+  ancestor = noising.ancestors(scores, mask)
+  depth = noising.depth_from_ancestors(ancestor, mask)
+  height = noising.tree_height(depth, mask)
+  child, root = noising.children(ancestor, depth, mask)
+  share = noise_cfg.frontier_prob if noise_cfg is not None else 0.0
+  random_order = jax.random.uniform(k_order, height.shape) < share
+  times, slot_times, root_time = slot_schedule(ancestor, depth, mask, child, k_times,
+                                               random_order)
+  inputs, targets = slot_inputs(tokens, mask, depth, child, root, times, slot_times, root_time,
+                                model.slot_id, none_id)
+  num = tokens.shape[0]
+  dropped = jnp.int32(0)
+  if noise_cfg is not None and noise_cfg.causal_pack_rows:
+    packed = pack(*inputs, targets, rows=noise_cfg.causal_pack_rows)
+    inputs = (packed.tokens, packed.segment_ids, packed.positions)
+    targets, dropped = packed.gap_targets, packed.dropped
+    source = packed.segment_ids - 1
+  else:
+    source = jnp.where(inputs[1] > 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
+  logits = model(*inputs)
+  valid = targets >= 0
+  nll = gap_nll(logits, targets)
+  count = jnp.sum(valid)
+  loss = jnp.sum(nll) / jnp.maximum(count, 1)
+  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  where = jnp.where(valid, source, num).ravel()
+  sentence_nll = jax.ops.segment_sum(nll.ravel(), where, num_segments=num + 1)[:num]
+  kept = jax.ops.segment_sum(valid.ravel().astype(jnp.int32), where,
+                             num_segments=num + 1)[:num] > 0
+  counted = kept & jnp.any(mask, axis=1) & ~random_order  # the level-order bound
+  path_nll = sentence_nll - scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
+  n_tokens = jnp.sum(mask, axis=1)
+  return loss, {
+      "loss": loss,
+      "gap_nll_sum": jnp.sum(nll),
+      "gap_count": count.astype(jnp.float32),
+      "gap_correct": jnp.sum(correct).astype(jnp.float32),
+      "embed_distance": jnp.float32(0.0),
+      "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
+      "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
+      "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
+      "tokens": jnp.sum(mask).astype(jnp.float32),
+      "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
+      "computed_positions": jnp.float32(inputs[1].size),
+      "dropped_states": dropped.astype(jnp.float32),
+      "mean_height": jnp.mean(height.astype(jnp.float32)),
+  }
+
+
 def ar_inputs(tokens, mask):
   """Inputs ``[BOS] x`` and targets ``x [EOS]`` of the causal model: [B, L+1] each."""
   batch, max_len = tokens.shape

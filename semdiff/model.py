@@ -408,6 +408,106 @@ class TreeInsertionTransformer(nnx.Module):
     return self.backbone.embed[...]
 
 
+def slot_attention(tokens: jax.Array, segment_ids: jax.Array, times: jax.Array, slot_id: int):
+  """`tree_attention` with query slots: (visible bool [B, T, T], distance int32 [B, T, T]).
+
+  A real token sees the real tokens of its segment inserted no later than itself; a slot
+  (``tokens == slot_id``) sees the real tokens inserted strictly before its decision time,
+  and itself. Nobody sees a slot but itself, so the real tokens' states do not depend on
+  the slots, and a slot's on no other slot.
+  """
+  slot = tokens == slot_id
+  real = (segment_ids > 0) & ~slot
+  earlier = jnp.where(slot[:, :, None], times[:, None, :] < times[:, :, None],
+                      times[:, None, :] <= times[:, :, None])
+  visible = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & real[:, None, :] & earlier)
+  visible |= jnp.eye(tokens.shape[1], dtype=bool)[None]
+  count = jnp.cumsum(visible, axis=2, dtype=jnp.int32)
+  own = jnp.diagonal(count, axis1=1, axis2=2)[:, :, None]
+  return visible, count - own
+
+
+class SlotInsertionTransformer(nnx.Module):
+  """The tree model with a query slot per gap: one pass teaches any insertion order.
+
+  Like `TreeInsertionTransformer`, real tokens attend tree-causally (to tokens inserted no
+  later than themselves), so their hidden states never change once inserted. Each gap's
+  decision is read from its own *slot*: an extra position (embedding ``slot_id =
+  vocab_size``) in the gap that sees every real token inserted before the decision time,
+  however long after its neighbours that is. So a gap that waits while other gaps fill in
+  decides with the newer context, which is what confident-first insertion needs, and one
+  forward pass still teacher-forces a whole path: the sentence with a left and a right slot
+  around every token (3n + 3 positions, 2n + 1 decisions), for any schedule of times.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    # One extra input row: the slot embedding.
+    self.backbone = Backbone(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 1), rngs)
+    d = cfg.d_model
+    self.rel_bias = _param(rngs, nnx.initializers.zeros,
+                           (cfg.num_layers, 2 * TREE_MAX_DISTANCE + 1, cfg.num_heads),
+                           (None, None, "heads"))
+    self.gap_in = _param(rngs, nnx.initializers.lecun_normal(), (3 * d, d), (None, "embed"))
+    self.gap_norm = RMSNorm(d, rngs)
+    self.none_embed = _param(rngs, nnx.initializers.normal(1.0), (1, d), (None, "embed"))
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (d, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  @property
+  def none_id(self) -> int:
+    return self.cfg.vocab_size
+
+  @property
+  def slot_id(self) -> int:
+    return self.cfg.vocab_size
+
+  def __call__(self, tokens, segment_ids, times):
+    """Decision logits of every slot.
+
+    Args:
+      tokens: int [B, T]: real tokens, and ``slot_id`` at the slots.
+      segment_ids: int [B, T], 0 on padding.
+      times: int [B, T]: insertion time of real tokens (BOS and EOS earliest), decision
+        time of slots.
+
+    Returns:
+      float32 [B, T, V+1]; meaningful at the slots.
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    backbone = self.backbone
+    visible, distance = slot_attention(tokens, segment_ids, times, self.slot_id)
+    bucket = jnp.clip(distance, -TREE_MAX_DISTANCE, TREE_MAX_DISTANCE) + TREE_MAX_DISTANCE
+    x = jnp.take(backbone.embed[...], tokens, axis=0).astype(dt)
+    for layer, block in enumerate(backbone.blocks):
+      bias = jnp.moveaxis(jnp.take(self.rel_bias[layer], bucket, axis=0), -1, 1)  # [B,H,T,T]
+      if cfg.remat:
+        x = nnx.remat(lambda blk, x_, b_: blk(x_, None, visible, b_))(block, x, bias)
+      else:
+        x = block(x, None, visible, bias)
+    h = backbone.final_norm(x)
+    idx = jnp.arange(tokens.shape[1])
+    left = jnp.max(jnp.where(visible & (distance == -1), idx, -1), axis=2)
+    right = jnp.max(jnp.where(visible & (distance == 1), idx, -1), axis=2)
+    gather = lambda i: jnp.take_along_axis(h, jnp.where(i < 0, idx[None], i)[..., None], axis=1)
+    trio = jnp.concatenate([gather(left), h, gather(right)], axis=-1)
+    g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", trio, self.gap_in[...].astype(dt))))
+    return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
+
+  def output_table(self) -> jax.Array:
+    """[V+1, D]: output embedding of every id, ``none`` last."""
+    table = (self.backbone.embed[:self.cfg.vocab_size] if self.cfg.tie_embeddings
+             else self.unembed[...].T)
+    scale = 1.0 / jnp.sqrt(jnp.float32(self.cfg.d_model))
+    return jnp.concatenate([table, self.none_embed[...]], axis=0) * scale
+
+  def token_embedding(self) -> jax.Array:
+    """[V, D]: the input embedding table of the real tokens."""
+    return self.backbone.embed[:self.cfg.vocab_size]
+
+
 class CausalTransformer(nnx.Module):
   """The autoregressive baseline: same backbone, causal mask, next-token head."""
 
@@ -491,6 +591,7 @@ class MaskedDiffusionTransformer(nnx.Module):
 
 
 MODELS = {"insertion": InsertionTransformer, "tree": TreeInsertionTransformer,
+          "slot": SlotInsertionTransformer,
           "causal": CausalTransformer, "masked": MaskedDiffusionTransformer}
 
 

@@ -507,15 +507,19 @@ TREE_FIXED = {"gaps": "all", "insert_per_step": 0, "insert_fraction": 1.0, "conf
               "infill": ""}
 
 
-def check_tree_sampler(cfg: SamplerConfig) -> None:
-  """Raises a one-line error for a sampler setting the tree model cannot honour."""
-  for name, value in TREE_FIXED.items():
+def _check_fixed(cfg: SamplerConfig, fixed: dict, kind: str, why: str) -> None:
+  """Raises a one-line error for a sampler setting model ``kind`` cannot honour."""
+  for name, value in fixed.items():
     got = getattr(cfg, name)
     if got != value:
-      raise ValueError(
-          f"sampler.{name}={got!r} is not available with model_kind=tree (it decides each gap "
-          f"once, in parallel, and starts from the empty canvas): set "
-          f"--config.sampler.{name}={value!r}.")
+      raise ValueError(f"sampler.{name}={got!r} is not available with model_kind={kind} "
+                       f"(it {why}): set --config.sampler.{name}={value!r}.")
+
+
+def check_tree_sampler(cfg: SamplerConfig) -> None:
+  """Raises a one-line error for a sampler setting the tree model cannot honour."""
+  _check_fixed(cfg, TREE_FIXED, "tree", "decides each gap once, in parallel, and starts from "
+               "the empty canvas")
 
 
 def sample_tree(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
@@ -610,6 +614,145 @@ def make_tree_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
   @jax.jit
   def run(params, rng):
     return sample_tree(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
+
+  return run
+
+
+SLOT_FIXED = {"gaps": "all", "epsilon": 0.0, "delta": -1.0, "keywords": "", "prompt": "",
+              "infill": ""}
+
+
+def slot_canvas_inputs(canvas, times, length, now, slot_id: int):
+  """The slot model's input for a draft: ``[BOS] S x S ... x S [EOS]``, every slot at ``now``.
+
+  Args:
+    canvas: int [B, C]; times: int [B, C], the tokens' insertion times; length: int [B];
+    now: int [], the decision time (later than every token's); slot_id: the slot's id.
+
+  Returns:
+    (tokens, segment_ids, times) int32 [B, 2C+3]: slot g (gap g) at 1 + 2g, token k at
+    2 + 2k, EOS at 2 + 2n.
+  """
+  batch, cap = canvas.shape
+  width = 2 * cap + 3
+  pos = jnp.arange(width)[None, :]
+  n = length[:, None]
+  slots = jnp.full((batch, cap), slot_id, jnp.int32)
+  body_tok = jnp.stack([slots, canvas.astype(jnp.int32)], -1).reshape(batch, -1)
+  body_time = jnp.stack([jnp.full((batch, cap), now, jnp.int32), times.astype(jnp.int32)],
+                        -1).reshape(batch, -1)
+  one = lambda v: jnp.full((batch, 1), v, jnp.int32)
+  tokens = jnp.concatenate([one(BOS_ID), body_tok, one(slot_id), one(PAD_ID)], 1)
+  times = jnp.concatenate([one(0), body_time, one(now), one(0)], 1)
+  last_slot, eos = pos == 1 + 2 * n, pos == 2 + 2 * n
+  tokens = jnp.where(eos, EOS_ID, jnp.where(last_slot, slot_id,
+                                            jnp.where(pos < 1 + 2 * n, tokens, PAD_ID)))
+  times = jnp.where(pos <= 1 + 2 * n, jnp.where(last_slot, now, times), 0)
+  return tokens, (pos <= 2 + 2 * n).astype(jnp.int32), times
+
+
+def sample_slot(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
+  """Generate with the slot model: open gaps decide, the most certain first.
+
+  Each step runs the model on ``[BOS] S x S x ... x S [EOS]`` (a query slot in every gap,
+  deciding now, so it sees the whole draft). Which open gaps decide this step: all of them
+  (``confidence`` 0 and no per-step cap: the level order, height + 1 calls), or those whose
+  most probable choice has probability >= ``confidence`` (at least the most certain one),
+  at most ``insert_per_step``, and ``insert_fraction`` of the open gaps. A deciding gap
+  inserts its token (opening the two gaps around it) or closes for good with ``none``;
+  the others wait, and decide later with more of the sentence to see. A row stops when no
+  gap is open, or at the caps.
+
+  Args:
+    model: a `SlotInsertionTransformer`; rng: one key or [B] keys; cfg: sampler controls
+      (static; those in SLOT_FIXED must keep their defaults); batch_size: B.
+
+  Returns:
+    `Samples` (``moved`` all 0).
+  """
+  _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
+  scale = losses.TIME_SCALE
+  cap = cfg.max_len
+  none_id = model.none_id
+  steps = cfg.max_steps + 1
+  width = 2 * cap + 3
+  gap = jnp.arange(cap + 1)[None, :]
+  banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
+      True)
+  init = dict(canvas=jnp.full((batch_size, cap), PAD_ID, jnp.int32),
+              times=jnp.zeros((batch_size, cap), jnp.int32),
+              length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),
+              calls=jnp.zeros((batch_size,), jnp.int32),
+              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
+              keys=_example_keys(rng, batch_size), open=jnp.ones((batch_size, cap + 1), bool),
+              drafts=jnp.zeros((steps, batch_size, cap), jnp.int32),
+              draft_len=jnp.zeros((steps, batch_size), jnp.int32),
+              inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
+              inserted_prob=jnp.zeros((steps, batch_size, cap + 1), jnp.float32))
+
+  def cond(s):
+    return (s["step"] < cfg.max_steps) & ~jnp.all(s["done"])
+
+  def body(s):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
+    n = s["length"][:, None]
+    now = (s["step"] + 1) * scale
+    tokens, segment_ids, times = slot_canvas_inputs(s["canvas"], s["times"], s["length"], now,
+                                                    model.slot_id)
+    logits = model(tokens, segment_ids, times)
+    logits = jnp.take_along_axis(logits, jnp.minimum(1 + 2 * gap, width - 1)[..., None],
+                                 axis=1)  # [B, C+1, V+1], gap g from slot g
+    logits = jnp.where(banned, -jnp.inf, logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    choice = _choose(logits, keys, cfg)
+    chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
+    certainty = jnp.max(logp, axis=-1)
+    active = ~s["done"]
+    acting = active[:, None] & s["open"] & (gap <= n)
+    if cfg.confidence > 0 or cfg.insert_per_step or cfg.insert_fraction < 1.0:
+      threshold = jnp.log(max(cfg.confidence, 1e-30))
+      limit = insertion_limit(jnp.sum(acting, axis=1),
+                              jnp.sum(acting & (certainty >= threshold), axis=1), cfg)
+      deciding, _ = keep_most_confident(acting, certainty, limit)
+    else:
+      deciding = acting
+    do_insert = deciding & (choice != none_id)
+    if cfg.tau > 0:
+      do_insert &= chosen_logp >= jnp.log(cfg.tau)
+    do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
+    canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
+    new_times, _ = insert(s["times"], s["length"], jnp.full_like(choice, now), do_insert)
+    new_open = update_open_gaps(s["open"] & ~(deciding & ~do_insert), do_insert)
+    finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
+    step = s["step"] + 1
+    return dict(
+        canvas=canvas, times=new_times, length=length,
+        done=s["done"] | finished | overflow | (length >= cap),
+        calls=s["calls"] + active.astype(jnp.int32),
+        logprob=s["logprob"] + jnp.sum(jnp.where(deciding, chosen_logp, 0.0), axis=1),
+        step=step, keys=s["keys"], open=new_open,
+        drafts=s["drafts"].at[step].set(canvas), draft_len=s["draft_len"].at[step].set(length),
+        inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
+        inserted_prob=s["inserted_prob"].at[step].set(
+            jnp.where(do_insert, jnp.exp(chosen_logp), 0.0)))
+
+  out = jax.lax.while_loop(cond, body, init)
+  taken = jnp.arange(steps) <= out["step"]
+  drafts = jnp.where(taken[:, None, None], out["drafts"], out["canvas"][None])
+  draft_len = jnp.where(taken[:, None], out["draft_len"], out["length"][None])
+  return Samples(tokens=out["canvas"], length=out["length"], calls=out["calls"],
+                 drafts=drafts, draft_length=draft_len, inserted_logprob=out["logprob"],
+                 inserted=out["inserted"], inserted_prob=out["inserted_prob"],
+                 moved=jnp.zeros((steps, batch_size), jnp.float32))
+
+
+def make_slot_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
+  """A jitted ``fn(params, rng) -> Samples`` for the slot model (`sample_slot`)."""
+  _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
+
+  @jax.jit
+  def run(params, rng):
+    return sample_slot(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
 
   return run
 

@@ -97,12 +97,13 @@ def scoring_stats(tok: tokenizer_lib.Tokenizer) -> scorers.ScoringStats:
       word_start=jnp.asarray(tok.word_start_table))
 
 
-LOSSES = {"insertion": losses.insertion_loss, "tree": losses.tree_loss,
+LOSSES = {"insertion": losses.insertion_loss, "tree": losses.tree_loss, "slot": losses.slot_loss,
           "causal": losses.ar_loss, "masked": losses.masked_loss}
 # Each loss is a sum over the batch divided by a count that does not depend on the
 # parameters; this names the metric holding that count (the masked loss also divides by the
 # constant L + 1, the same for every micro-batch).
-LOSS_NORMALISERS = {"insertion": "gap_count", "tree": "gap_count", "causal": "gap_count",
+LOSS_NORMALISERS = {"insertion": "gap_count", "tree": "gap_count", "slot": "gap_count",
+                    "causal": "gap_count",
                     "masked": "nll_bound_sentences"}
 
 
@@ -340,6 +341,8 @@ def sampler_for(exp: Experiment, batch_size: int,
     return sampling.make_masked_sampler(exp.graphdef, cfg, batch_size)
   if exp.config.model_kind == "tree":
     return sampling.make_tree_sampler(exp.graphdef, cfg, batch_size)
+  if exp.config.model_kind == "slot":
+    return sampling.make_slot_sampler(exp.graphdef, cfg, batch_size)
   return sampling.make_sampler(exp.graphdef, cfg, batch_size)
 
 

@@ -224,3 +224,60 @@ def test_separate_stop_filter_keeps_the_none_probability():
   stop_separate = float(jnp.mean(sampling._choose(logits, keys, separate) == V))
   assert stop_joint == 1.0  # none alone fills the nucleus
   assert abs(stop_separate - 0.5) < 0.05
+
+
+# ---- the slot model -------------------------------------------------------------------------
+
+
+def _slot_model(seed=0):
+  model = model_lib.build("slot", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=2, num_heads=4, mlp_dim=64), seed=seed)
+  model.rel_bias[...] = jax.random.normal(jax.random.key(seed + 1), model.rel_bias.shape)
+  return model
+
+
+@pytest.mark.parametrize("random_order", [False, True])
+def test_slot_one_pass_equals_every_draft_the_sampler_sees(random_order):
+  """Each slot's logits in the training pass are those the sampler computes for its gap
+  in the draft the slot decides in (the tokens inserted before its decision time)."""
+  tokens, mask, scores = _batch(7, batch=4, length=8)
+  jmask = jnp.asarray(mask)
+  ancestor = noising.ancestors(jnp.asarray(scores), jmask)
+  depth = noising.depth_from_ancestors(ancestor, jmask)
+  child, root = noising.children(ancestor, depth, jmask)
+  order = jnp.full((4,), random_order)
+  times, slot_times, root_time = losses.slot_schedule(ancestor, depth, jmask, child,
+                                                      jax.random.key(2), order)
+  model = _slot_model()
+  inputs, targets = losses.slot_inputs(jnp.asarray(tokens), jmask, depth, child, root, times,
+                                       slot_times, root_time, model.slot_id, NONE)
+  full = np.asarray(model(*inputs))
+  targets = np.asarray(targets)
+  times, slot_times = np.asarray(times), np.asarray(slot_times)
+  checked = 0
+  for b in range(4):
+    n = int(mask[b].sum())
+    # (training position, decision time, owner index, side) of every slot of the sentence.
+    slots = [(1, int(root_time[b]), -1, 1)]
+    for k in range(n):
+      slots += [(2 + 3 * k, int(slot_times[b, k, 0]), k, 0),
+                (4 + 3 * k, int(slot_times[b, k, 1]), k, 1)]
+    for position, now, owner, side in slots:
+      present = np.flatnonzero((times[b] < now) & mask[b])
+      cap = 8
+      canvas = np.full((1, cap), PAD_ID, np.int32)
+      canvas[0, :len(present)] = tokens[b, present]
+      ctimes = np.zeros((1, cap), np.int32)
+      ctimes[0, :len(present)] = times[b, present]
+      inp = sampling.slot_canvas_inputs(jnp.asarray(canvas), jnp.asarray(ctimes),
+                                        jnp.asarray([len(present)]), now, model.slot_id)
+      part = np.asarray(model(*inp))
+      # The gap of this slot in the draft: after the present tokens left of the owner's side.
+      if owner < 0:
+        g = 0
+      else:
+        g = int(np.sum(present < owner)) + side
+      np.testing.assert_allclose(part[0, 1 + 2 * g], full[b, position], rtol=2e-4, atol=2e-4)
+      assert targets[b, position] >= 0
+      checked += 1
+  assert checked > 10
