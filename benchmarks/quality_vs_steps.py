@@ -150,6 +150,9 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
         f"-> {steps} steps in {_BUDGET.value:.0f} s", flush=True)
   t, cpu = time.time(), time.process_time()
   final = train.train_and_evaluate(config, workdir)
+  if final.get("preempted"):  # SIGTERM: the checkpoint is saved; a rerun resumes it
+    raise SystemExit(f"{kind}: training stopped by SIGTERM at step {final['step']}; rerun the "
+                     "same command to resume.")
   stats = {**plan, "train_seconds": time.time() - t, "train_cpu_seconds": time.process_time() - cpu,
            "nll_per_sentence": final.get("eval/nll_per_sentence"),
            "true_nll_per_sentence": final.get("true_nll_per_sentence")}

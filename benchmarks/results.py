@@ -58,7 +58,10 @@ EMBEDDING_SCORERS = ("embedding_loo", "embedding_greedy", "model_embedding")
 def models() -> dict:
   """{name: (label, config overrides)} of the models in the table, in order."""
   out = {"ar": ("AR (causal, KV cache)", {"model_kind": "causal"}),
-         "semdiff": ("semdiff (unigram)", {"scorer.name": "unigram"})}
+         "semdiff": ("semdiff (unigram)", {"scorer.name": "unigram"}),
+         "semdiff_tree": ("semdiff tree model (unigram)",
+                          {"model_kind": "tree", "sampler.confidence": 0.0}),
+         "semdiff_slot": ("semdiff slot model (unigram)", {"model_kind": "slot"})}
   embedding = [s for s in EMBEDDING_SCORERS if s in scorers.names()]
   if embedding:
     out[f"semdiff_{embedding[0]}"] = (f"semdiff ({embedding[0]})",
@@ -109,7 +112,10 @@ def train_one(name: str, overrides: dict, out_dir: str, tokenizer_path: str) -> 
   print(f"== {name}: {plan['seconds_per_step']:.3f} s/step on {_CORES.value} cores (CPU time) "
         f"-> {plan['steps']} steps in {_BUDGET.value:.0f} s", flush=True)
   t, cpu = time.time(), time.process_time()
-  train.train_and_evaluate(config, workdir)
+  final = train.train_and_evaluate(config, workdir)
+  if final.get("preempted"):  # SIGTERM: the checkpoint is saved; no "done" marker yet
+    raise SystemExit(f"{name}: training stopped by SIGTERM at step {final['step']}; rerun the "
+                     "same command to resume.")
   info = {**plan, "train_seconds": time.time() - t,
           "train_cpu_seconds": time.process_time() - cpu}
   os.makedirs(os.path.dirname(done), exist_ok=True)

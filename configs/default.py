@@ -32,7 +32,10 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  # "insertion" (semdiff), "causal" (the autoregressive baseline, KV-cache decoding) or
+  # "insertion" (semdiff: bidirectional over each level's canvas), "tree" (semdiff with
+  # tree-causal attention: all levels in one pass; needs sampler.confidence=0), "slot" (tree
+  # plus a query slot per gap: one pass teaches any insertion order; noise.frontier_prob is
+  # its share of random orders), "causal" (the autoregressive baseline, KV-cache decoding) or
   # "masked" (masked diffusion: fixed canvas, absorbing mask, sampler.max_steps steps).
   c.model_kind = "insertion"
 

@@ -305,6 +305,52 @@ def tree_inputs(tokens, mask, depth, child, root, none_id: int):
   return (canvas, segment_ids, times.astype(jnp.int32)), targets
 
 
+def _whole_path_metrics(logits, targets, source, tokens, mask, depth, height, stats,
+                        scorer_cfg, segment_ids, dropped, embed, counted=None):
+  """Loss and metrics of a one-pass model (tree, slot): every decision of a path at once.
+
+  Args:
+    logits: [R, ..., V+1]; targets: int [R, ...] (-1 = no decision); source: int [R, T],
+      the sentence of each packed position (broadcast over targets' trailing axes);
+    tokens, mask, depth, height: the unpacked sentences' [B, L] / [B] arrays;
+    segment_ids: [R, T] packed inputs; dropped: sentences that did not fit;
+    embed: the embedding-distance term (0 when off); counted: bool [B], which sentences'
+      path NLLs are the reported bound (default all).
+
+  Returns:
+    (loss, metrics) with the insertion loss's keys.
+  """
+  num = tokens.shape[0]
+  valid = targets >= 0
+  nll = gap_nll(logits, targets)
+  count = jnp.sum(valid)
+  loss = jnp.sum(nll) / jnp.maximum(count, 1)
+  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  source = source.reshape(source.shape + (1,) * (targets.ndim - source.ndim))
+  where = jnp.where(valid, source, num).ravel()
+  sentence_nll = jax.ops.segment_sum(nll.ravel(), where, num_segments=num + 1)[:num]
+  kept = jax.ops.segment_sum(valid.ravel().astype(jnp.int32), where,
+                             num_segments=num + 1)[:num] > 0
+  counted = kept & jnp.any(mask, axis=1) & (True if counted is None else counted)
+  path_nll = sentence_nll - scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
+  n_tokens = jnp.sum(mask, axis=1)
+  return loss, {
+      "loss": loss,
+      "gap_nll_sum": jnp.sum(nll),
+      "gap_count": count.astype(jnp.float32),
+      "gap_correct": jnp.sum(correct).astype(jnp.float32),
+      "embed_distance": embed,
+      "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
+      "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
+      "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
+      "tokens": jnp.sum(mask).astype(jnp.float32),
+      "canvas_positions": jnp.sum(segment_ids > 0).astype(jnp.float32),
+      "computed_positions": jnp.float32(segment_ids.size),
+      "dropped_states": jnp.asarray(dropped, jnp.float32),
+      "mean_height": jnp.mean(height.astype(jnp.float32)),
+  }
+
+
 def tree_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   """Training loss of the tree model: every level of every sentence, teacher-forced at once.
 
@@ -332,38 +378,18 @@ def tree_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     source = jnp.where(inputs[1] > 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
   targets = jnp.stack([left, right], axis=-1)
   logits = model(*inputs)  # [rows, T, 2, V+1]
-  valid = targets >= 0
-  nll = gap_nll(logits, targets)
-  count = jnp.sum(valid)
-  loss = jnp.sum(nll) / jnp.maximum(count, 1)
   embed = jnp.float32(0.0)
   if noise_cfg is not None and noise_cfg.embed_loss_weight:
-    embed = jnp.sum(embedding_distance(logits, targets, model.output_table())) / jnp.maximum(
-        count, 1)
+    flat = logits.reshape(logits.shape[0], -1, logits.shape[-1])
+    embed = jnp.sum(embedding_distance(flat, targets.reshape(flat.shape[:2]),
+                                       model.output_table())) / jnp.maximum(
+                                           jnp.sum(targets >= 0), 1)
+  loss, metrics = _whole_path_metrics(logits, targets, source, tokens, mask, depth, height,
+                                      stats, scorer_cfg, inputs[1], dropped, embed)
+  if noise_cfg is not None and noise_cfg.embed_loss_weight:
     loss = loss + noise_cfg.embed_loss_weight * embed
-  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
-  where = jnp.where(valid, source[..., None], num).ravel()
-  sentence_nll = jax.ops.segment_sum(nll.ravel(), where, num_segments=num + 1)[:num]
-  kept = jax.ops.segment_sum(valid.ravel().astype(jnp.int32), where,
-                             num_segments=num + 1)[:num] > 0
-  counted = kept & jnp.any(mask, axis=1)
-  path_nll = sentence_nll - scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
-  n_tokens = jnp.sum(mask, axis=1)
-  return loss, {
-      "loss": loss,
-      "gap_nll_sum": jnp.sum(nll),
-      "gap_count": count.astype(jnp.float32),
-      "gap_correct": jnp.sum(correct).astype(jnp.float32),
-      "embed_distance": embed,
-      "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
-      "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
-      "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
-      "tokens": jnp.sum(mask).astype(jnp.float32),
-      "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
-      "computed_positions": jnp.float32(inputs[1].size),
-      "dropped_states": dropped.astype(jnp.float32),
-      "mean_height": jnp.mean(height.astype(jnp.float32)),
-  }
+    metrics["loss"] = loss
+  return loss, metrics
 
 
 # Slot-model times are integers in units of 1/TIME_SCALE step, so that random
@@ -477,33 +503,10 @@ def slot_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   else:
     source = jnp.where(inputs[1] > 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
   logits = model(*inputs)
-  valid = targets >= 0
-  nll = gap_nll(logits, targets)
-  count = jnp.sum(valid)
-  loss = jnp.sum(nll) / jnp.maximum(count, 1)
-  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
-  where = jnp.where(valid, source, num).ravel()
-  sentence_nll = jax.ops.segment_sum(nll.ravel(), where, num_segments=num + 1)[:num]
-  kept = jax.ops.segment_sum(valid.ravel().astype(jnp.int32), where,
-                             num_segments=num + 1)[:num] > 0
-  counted = kept & jnp.any(mask, axis=1) & ~random_order  # the level-order bound
-  path_nll = sentence_nll - scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
-  n_tokens = jnp.sum(mask, axis=1)
-  return loss, {
-      "loss": loss,
-      "gap_nll_sum": jnp.sum(nll),
-      "gap_count": count.astype(jnp.float32),
-      "gap_correct": jnp.sum(correct).astype(jnp.float32),
-      "embed_distance": jnp.float32(0.0),
-      "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
-      "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
-      "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
-      "tokens": jnp.sum(mask).astype(jnp.float32),
-      "canvas_positions": jnp.sum(inputs[1] > 0).astype(jnp.float32),
-      "computed_positions": jnp.float32(inputs[1].size),
-      "dropped_states": dropped.astype(jnp.float32),
-      "mean_height": jnp.mean(height.astype(jnp.float32)),
-  }
+  # The reported bound is the level order's (the parallel sampler's path).
+  return _whole_path_metrics(logits, targets, source, tokens, mask, depth, height, stats,
+                             scorer_cfg, inputs[1], dropped, jnp.float32(0.0),
+                             counted=~random_order)
 
 
 def ar_inputs(tokens, mask):

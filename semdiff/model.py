@@ -1,11 +1,19 @@
 """The Transformers: the bidirectional insertion model and its baselines.
 
-One backbone (pre-norm, rotary positions, gated MLP) serves all three:
+One backbone (pre-norm, gated MLP; rotary positions, or relative-distance biases
+for the tree-causal models) serves them all:
 
 * `InsertionTransformer` reads the canvas ``[BOS] x_h [EOS] [PAD]...`` with full
   (bidirectional) attention inside each segment and, for every gap ``g``
   between canvas positions ``g`` and ``g + 1``, gives logits over the
   vocabulary plus ``none_id = vocab_size`` ("no insertion here").
+* `TreeInsertionTransformer` is the insertion model with tree-causal attention:
+  a token sees only the tokens inserted no later than itself, so its state is
+  fixed once inserted and one pass over ``[BOS] x [EOS]`` teacher-forces every
+  level (each token predicts its two children in the tree).
+* `SlotInsertionTransformer` adds a query slot per gap that decides with every
+  token inserted before its decision time: one pass teacher-forces any
+  insertion order, so waiting gaps (confident-first) decide with more context.
 * `CausalTransformer` is the same backbone with causal attention and a
   next-token head: the autoregressive baseline of the same size (with a KV
   cache for decoding).
@@ -266,9 +274,7 @@ class InsertionTransformer(nnx.Module):
 
   def output_table(self) -> jax.Array:
     """[V+1, D]: output embedding of every id, ``none`` last."""
-    table = self.backbone.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
-    scale = 1.0 / jnp.sqrt(jnp.float32(self.cfg.d_model))
-    return jnp.concatenate([table, self.none_embed[...]], axis=0) * scale
+    return _output_table(self)
 
   def token_embedding(self) -> jax.Array:
     """[V, D]: the input embedding table (embedding losses and scorers)."""
@@ -305,6 +311,41 @@ def tree_attention(segment_ids: jax.Array, times: jax.Array):
   count = jnp.cumsum(visible, axis=2, dtype=jnp.int32)
   own = jnp.diagonal(count, axis1=1, axis2=2)[:, :, None]
   return visible, count - own
+
+
+def _relative_encode(backbone, rel_bias, x, visible, distance):
+  """The blocks over inputs x [B, T, D] with mask ``visible`` and distance biases (no rotary).
+
+  Returns the final-normed hidden states [B, T, D].
+  """
+  cfg = backbone.cfg
+  bucket = jnp.clip(distance, -TREE_MAX_DISTANCE, TREE_MAX_DISTANCE) + TREE_MAX_DISTANCE
+  for layer, block in enumerate(backbone.blocks):
+    bias = jnp.moveaxis(jnp.take(rel_bias[layer], bucket, axis=0), -1, 1)  # [B, H, T, T]
+    if cfg.remat:
+      x = nnx.remat(lambda blk, x_, b_: blk(x_, None, visible, b_))(block, x, bias)
+    else:
+      x = block(x, None, visible, bias)
+  return backbone.final_norm(x)
+
+
+def _neighbours(h, visible, distance):
+  """Hidden states [B, T, D] of each position's left and right neighbour in its own view
+  (itself where it has none)."""
+  idx = jnp.arange(h.shape[1])
+  gather = lambda i: jnp.take_along_axis(h, jnp.where(i < 0, idx[None], i)[..., None], axis=1)
+  left = jnp.max(jnp.where(visible & (distance == -1), idx, -1), axis=2)
+  right = jnp.max(jnp.where(visible & (distance == 1), idx, -1), axis=2)
+  return gather(left), gather(right)
+
+
+def _output_table(model) -> jax.Array:
+  """[V+1, D]: a gap head's output embedding of every id, ``none`` last (scaled)."""
+  cfg = model.cfg
+  table = (model.backbone.embed[:cfg.vocab_size] if cfg.tie_embeddings
+           else model.unembed[...].T)
+  scale = 1.0 / jnp.sqrt(jnp.float32(cfg.d_model))
+  return jnp.concatenate([table, model.none_embed[...]], axis=0) * scale
 
 
 class TreeInsertionTransformer(nnx.Module):
@@ -362,26 +403,12 @@ class TreeInsertionTransformer(nnx.Module):
     dt = cfg.compute_dtype
     backbone = self.backbone
     visible, distance = tree_attention(segment_ids, times)
-    bucket = jnp.clip(distance, -TREE_MAX_DISTANCE, TREE_MAX_DISTANCE) + TREE_MAX_DISTANCE
     x = jnp.take(backbone.embed[...], tokens, axis=0)
     x = x + jnp.take(self.time_embed[...], jnp.clip(times + 1, 0, TREE_MAX_TIME), axis=0)
-    x = x.astype(dt)
-    for layer, block in enumerate(backbone.blocks):
-      bias = jnp.moveaxis(jnp.take(self.rel_bias[layer], bucket, axis=0), -1, 1)  # [B,H,T,T]
-      if cfg.remat:
-        x = nnx.remat(lambda blk, x_, b_: blk(x_, None, visible, b_))(block, x, bias)
-      else:
-        x = block(x, None, visible, bias)
-    h = backbone.final_norm(x)
-    # Each position's neighbours in its own view (itself where there is none: BOS's left).
-    idx = jnp.arange(tokens.shape[1])
-    left = jnp.max(jnp.where(visible & (distance == -1), idx, -1), axis=2)
-    right = jnp.max(jnp.where(visible & (distance == 1), idx, -1), axis=2)
-    left = jnp.where(left < 0, idx[None], left)
-    right = jnp.where(right < 0, idx[None], right)
-    gather = lambda i: jnp.take_along_axis(h, i[..., None], axis=1)
-    pairs = jnp.stack([jnp.concatenate([gather(left), h], -1),
-                       jnp.concatenate([h, gather(right)], -1)], axis=2)  # [B, T, 2, 2D]
+    h = _relative_encode(backbone, self.rel_bias[...], x.astype(dt), visible, distance)
+    left, right = _neighbours(h, visible, distance)
+    pairs = jnp.stack([jnp.concatenate([left, h], -1),
+                       jnp.concatenate([h, right], -1)], axis=2)  # [B, T, 2, 2D]
     g = jnp.einsum("btsc,cd->btsd", pairs, self.gap_in[...].astype(dt))
     g = self.gap_norm(jax.nn.gelu(g + self.side_embed[...].astype(dt)))
     return jnp.einsum("btsd,vd->btsv", g, self.output_table().astype(dt)).astype(jnp.float32)
@@ -399,9 +426,7 @@ class TreeInsertionTransformer(nnx.Module):
 
   def output_table(self) -> jax.Array:
     """[V+1, D]: output embedding of every id, ``none`` last."""
-    table = self.backbone.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
-    scale = 1.0 / jnp.sqrt(jnp.float32(self.cfg.d_model))
-    return jnp.concatenate([table, self.none_embed[...]], axis=0) * scale
+    return _output_table(self)
 
   def token_embedding(self) -> jax.Array:
     """[V, D]: the input embedding table (embedding losses and scorers)."""
@@ -479,29 +504,16 @@ class SlotInsertionTransformer(nnx.Module):
     dt = cfg.compute_dtype
     backbone = self.backbone
     visible, distance = slot_attention(tokens, segment_ids, times, self.slot_id)
-    bucket = jnp.clip(distance, -TREE_MAX_DISTANCE, TREE_MAX_DISTANCE) + TREE_MAX_DISTANCE
     x = jnp.take(backbone.embed[...], tokens, axis=0).astype(dt)
-    for layer, block in enumerate(backbone.blocks):
-      bias = jnp.moveaxis(jnp.take(self.rel_bias[layer], bucket, axis=0), -1, 1)  # [B,H,T,T]
-      if cfg.remat:
-        x = nnx.remat(lambda blk, x_, b_: blk(x_, None, visible, b_))(block, x, bias)
-      else:
-        x = block(x, None, visible, bias)
-    h = backbone.final_norm(x)
-    idx = jnp.arange(tokens.shape[1])
-    left = jnp.max(jnp.where(visible & (distance == -1), idx, -1), axis=2)
-    right = jnp.max(jnp.where(visible & (distance == 1), idx, -1), axis=2)
-    gather = lambda i: jnp.take_along_axis(h, jnp.where(i < 0, idx[None], i)[..., None], axis=1)
-    trio = jnp.concatenate([gather(left), h, gather(right)], axis=-1)
+    h = _relative_encode(backbone, self.rel_bias[...], x, visible, distance)
+    left, right = _neighbours(h, visible, distance)
+    trio = jnp.concatenate([left, h, right], axis=-1)
     g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", trio, self.gap_in[...].astype(dt))))
     return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
 
   def output_table(self) -> jax.Array:
     """[V+1, D]: output embedding of every id, ``none`` last."""
-    table = (self.backbone.embed[:self.cfg.vocab_size] if self.cfg.tie_embeddings
-             else self.unembed[...].T)
-    scale = 1.0 / jnp.sqrt(jnp.float32(self.cfg.d_model))
-    return jnp.concatenate([table, self.none_embed[...]], axis=0) * scale
+    return _output_table(self)
 
   def token_embedding(self) -> jax.Array:
     """[V, D]: the input embedding table of the real tokens."""

@@ -498,13 +498,15 @@ def make_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
   return run
 
 
-# Sampler settings the tree model does not take: each of its gaps is decided once, by the
-# hidden state of the gap's owner, which no later insertion changes, so waiting for
-# neighbours (confident-first) gains nothing; conditioning would need the start canvas's
-# insertion steps. The value each must have.
-TREE_FIXED = {"gaps": "all", "insert_per_step": 0, "insert_fraction": 1.0, "confidence": 0.0,
-              "select": "sample", "epsilon": 0.0, "delta": -1.0, "keywords": "", "prompt": "",
+# Sampler settings the owned-gap samplers (tree and slot models) do not take, with the value
+# each must keep. Both start from the empty canvas (conditioning would need the start
+# canvas's insertion times). The tree model also decides every open gap each step: a gap's
+# prediction comes from its owner's hidden state, which no later insertion changes, so
+# waiting for neighbours (confident-first) would gain nothing.
+SLOT_FIXED = {"gaps": "all", "epsilon": 0.0, "delta": -1.0, "keywords": "", "prompt": "",
               "infill": ""}
+TREE_FIXED = {**SLOT_FIXED, "insert_per_step": 0, "insert_fraction": 1.0, "confidence": 0.0,
+              "select": "sample"}
 
 
 def _check_fixed(cfg: SamplerConfig, fixed: dict, kind: str, why: str) -> None:
@@ -522,34 +524,30 @@ def check_tree_sampler(cfg: SamplerConfig) -> None:
                "the empty canvas")
 
 
-def sample_tree(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
-  """Generate with the tree model: every open gap decides once per step, in parallel.
+def check_slot_sampler(cfg: SamplerConfig) -> None:
+  """Raises a one-line error for a sampler setting the slot model cannot honour."""
+  _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
 
-  The canvas starts empty (one open gap, owned by BOS). Each step runs the model on
-  ``[BOS] canvas [EOS]`` with every token's insertion step; each open gap takes its owner's
-  prediction (`TreeInsertionTransformer.gap_logits`) and picks a token or ``none``. A gap
-  that inserts becomes the two gaps around its new token, both open; a gap that says
-  ``none`` (or fails ``tau``) closes for good. A row stops when no gap is open, or at the
-  caps. So a sample takes height + 1 calls, like the level sampler, and its log-probability
-  is exactly the model's -log p(path).
 
-  Args:
-    model: a `TreeInsertionTransformer`; rng: one key or [B] keys (as `sample`'s);
-    cfg: sampler controls (static; see `check_tree_sampler`); batch_size: B.
+def _grow_owned(gap_logits, none_id: int, rng, cfg: SamplerConfig, batch_size: int,
+                stamp) -> Samples:
+  """The loop of the owned-gap samplers: every gap decides once, then stays decided.
 
-  Returns:
-    `Samples` (``moved`` all 0).
+  The canvas starts empty with one open gap. Each step, ``gap_logits(canvas, times, length,
+  step)`` gives every gap's logits [B, C+1, V+1]; the open gaps that decide this step are all
+  of them, or (``confidence`` / ``insert_per_step`` / ``insert_fraction``) the most certain
+  ones, at least one. A deciding gap inserts its token, which opens the two gaps around it,
+  or closes for good with ``none`` (or by failing ``tau``); the others wait. Inserted tokens
+  get the time ``stamp(step)``. A row stops when no gap is open, or at the caps; its
+  ``inserted_logprob`` sums the log-probabilities of all its decisions, ``none`` included.
   """
-  check_tree_sampler(cfg)
   cap = cfg.max_len
-  none_id = model.none_id
   steps = cfg.max_steps + 1
-  pos = jnp.arange(cap + 2)[None, :]
   gap = jnp.arange(cap + 1)[None, :]
   banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
       True)
-  empty = jnp.full((batch_size, cap), PAD_ID, jnp.int32)
-  init = dict(canvas=empty, times=jnp.zeros((batch_size, cap), jnp.int32),
+  init = dict(canvas=jnp.full((batch_size, cap), PAD_ID, jnp.int32),
+              times=jnp.zeros((batch_size, cap), jnp.int32),
               length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),
               calls=jnp.zeros((batch_size,), jnp.int32),
               logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
@@ -564,30 +562,34 @@ def sample_tree(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -
 
   def body(s):
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
-    n = s["length"][:, None]
-    tokens, segment_ids, _ = losses.canvas_inputs(s["canvas"], s["length"])
-    inner = jnp.concatenate([jnp.zeros((batch_size, 1), jnp.int32), s["times"],
-                             jnp.zeros((batch_size, 1), jnp.int32)], axis=1)
-    times = jnp.where((pos == 0) | (pos == n + 1), -1, jnp.where(pos <= n, inner, 0))
-    logits = model.gap_logits(tokens, segment_ids, times)  # [B, C+1, V+1]
+    logits = gap_logits(s["canvas"], s["times"], s["length"], s["step"])
     logits = jnp.where(banned, -jnp.inf, logits)
     logp = jax.nn.log_softmax(logits, axis=-1)
     choice = _choose(logits, keys, cfg)
     chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
     active = ~s["done"]
-    deciding = active[:, None] & s["open"] & (gap <= n)
+    acting = active[:, None] & s["open"] & (gap <= s["length"][:, None])
+    if cfg.confidence > 0 or cfg.insert_per_step or cfg.insert_fraction < 1.0:
+      certainty = jnp.max(logp, axis=-1)
+      threshold = jnp.log(max(cfg.confidence, 1e-30))
+      limit = insertion_limit(jnp.sum(acting, axis=1),
+                              jnp.sum(acting & (certainty >= threshold), axis=1), cfg)
+      deciding, _ = keep_most_confident(acting, certainty, limit)
+    else:
+      deciding = acting
     do_insert = deciding & (choice != none_id)
     if cfg.tau > 0:
       do_insert &= chosen_logp >= jnp.log(cfg.tau)
     do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
     canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
-    new_times, _ = insert(s["times"], s["length"], jnp.full_like(choice, s["step"]), do_insert)
+    times, _ = insert(s["times"], s["length"], jnp.full_like(choice, stamp(s["step"])),
+                      do_insert)
     # Decided gaps close; one that inserted reopens as the two gaps around its new token.
     new_open = update_open_gaps(s["open"] & ~(deciding & ~do_insert), do_insert)
     finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
     step = s["step"] + 1
     return dict(
-        canvas=canvas, times=new_times, length=length,
+        canvas=canvas, times=times, length=length,
         done=s["done"] | finished | overflow | (length >= cap),
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(deciding, chosen_logp, 0.0), axis=1),
@@ -607,6 +609,43 @@ def sample_tree(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -
                  moved=jnp.zeros((steps, batch_size), jnp.float32))
 
 
+def tree_canvas_inputs(canvas, times, length):
+  """The tree model's input for a draft: (tokens, segment_ids, times) int32 [B, C+2].
+
+  ``[BOS] canvas [EOS]`` with each token's insertion step, -1 for BOS and EOS.
+  """
+  tokens, segment_ids, _ = losses.canvas_inputs(canvas, length)
+  batch = canvas.shape[0]
+  pos = jnp.arange(canvas.shape[1] + 2)[None, :]
+  n = length[:, None]
+  inner = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), times.astype(jnp.int32),
+                           jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  return tokens, segment_ids, jnp.where((pos == 0) | (pos == n + 1), -1,
+                                        jnp.where(pos <= n, inner, 0))
+
+
+def sample_tree(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
+  """Generate with the tree model: every open gap decides once per step, in parallel.
+
+  Each step runs the model on ``[BOS] canvas [EOS]`` with every token's insertion step, and
+  each open gap takes its owner's prediction (`TreeInsertionTransformer.gap_logits`). A
+  sample takes height + 1 calls, like the level sampler, and (at temperature 1, no filters)
+  its ``inserted_logprob`` is exactly the model's log p of the path it took. See
+  `_grow_owned` for the loop.
+
+  Args:
+    model: a `TreeInsertionTransformer`; rng: one key or [B] keys (as `sample`'s);
+    cfg: sampler controls (static; see `check_tree_sampler`); batch_size: B.
+  """
+  check_tree_sampler(cfg)
+
+  def gap_logits(canvas, times, length, step):
+    del step
+    return model.gap_logits(*tree_canvas_inputs(canvas, times, length))
+
+  return _grow_owned(gap_logits, model.none_id, rng, cfg, batch_size, stamp=lambda step: step)
+
+
 def make_tree_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
   """A jitted ``fn(params, rng) -> Samples`` for the tree model (`sample_tree`)."""
   check_tree_sampler(cfg)
@@ -616,10 +655,6 @@ def make_tree_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
     return sample_tree(nnx.merge(graphdef, params), rng, cfg, batch_size=batch_size)
 
   return run
-
-
-SLOT_FIXED = {"gaps": "all", "epsilon": 0.0, "delta": -1.0, "keywords": "", "prompt": "",
-              "infill": ""}
 
 
 def slot_canvas_inputs(canvas, times, length, now, slot_id: int):
@@ -652,103 +687,35 @@ def slot_canvas_inputs(canvas, times, length, now, slot_id: int):
 
 
 def sample_slot(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int) -> Samples:
-  """Generate with the slot model: open gaps decide, the most certain first.
+  """Generate with the slot model: open gaps decide, all at once or the most certain first.
 
-  Each step runs the model on ``[BOS] S x S x ... x S [EOS]`` (a query slot in every gap,
-  deciding now, so it sees the whole draft). Which open gaps decide this step: all of them
-  (``confidence`` 0 and no per-step cap: the level order, height + 1 calls), or those whose
-  most probable choice has probability >= ``confidence`` (at least the most certain one),
-  at most ``insert_per_step``, and ``insert_fraction`` of the open gaps. A deciding gap
-  inserts its token (opening the two gaps around it) or closes for good with ``none``;
-  the others wait, and decide later with more of the sentence to see. A row stops when no
-  gap is open, or at the caps.
+  Each step runs the model on ``[BOS] S x S ... x S [EOS]``, a query slot in every gap
+  deciding now, so it sees the whole draft. With ``confidence`` 0 and no per-step cap every
+  open gap decides (the level order: height + 1 calls); else only those whose most probable
+  choice has probability >= ``confidence`` (at least the most certain one), at most
+  ``insert_per_step`` and ``insert_fraction`` of them, and the rest decide later with more
+  of the sentence to see. See `_grow_owned` for the loop.
 
   Args:
     model: a `SlotInsertionTransformer`; rng: one key or [B] keys; cfg: sampler controls
-      (static; those in SLOT_FIXED must keep their defaults); batch_size: B.
-
-  Returns:
-    `Samples` (``moved`` all 0).
+      (static; see `check_slot_sampler`); batch_size: B.
   """
-  _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
-  scale = losses.TIME_SCALE
-  cap = cfg.max_len
-  none_id = model.none_id
-  steps = cfg.max_steps + 1
-  width = 2 * cap + 3
-  gap = jnp.arange(cap + 1)[None, :]
-  banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
-      True)
-  init = dict(canvas=jnp.full((batch_size, cap), PAD_ID, jnp.int32),
-              times=jnp.zeros((batch_size, cap), jnp.int32),
-              length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),
-              calls=jnp.zeros((batch_size,), jnp.int32),
-              logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
-              keys=_example_keys(rng, batch_size), open=jnp.ones((batch_size, cap + 1), bool),
-              drafts=jnp.zeros((steps, batch_size, cap), jnp.int32),
-              draft_len=jnp.zeros((steps, batch_size), jnp.int32),
-              inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
-              inserted_prob=jnp.zeros((steps, batch_size, cap + 1), jnp.float32))
+  check_slot_sampler(cfg)
+  width = 2 * cfg.max_len + 3
+  gap = jnp.arange(cfg.max_len + 1)[None, :]
+  stamp = lambda step: (step + 1) * losses.TIME_SCALE  # the level order's clock
 
-  def cond(s):
-    return (s["step"] < cfg.max_steps) & ~jnp.all(s["done"])
+  def gap_logits(canvas, times, length, step):
+    inputs = slot_canvas_inputs(canvas, times, length, stamp(step), model.slot_id)
+    logits = model(*inputs)
+    return jnp.take_along_axis(logits, jnp.minimum(1 + 2 * gap, width - 1)[..., None], axis=1)
 
-  def body(s):
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
-    n = s["length"][:, None]
-    now = (s["step"] + 1) * scale
-    tokens, segment_ids, times = slot_canvas_inputs(s["canvas"], s["times"], s["length"], now,
-                                                    model.slot_id)
-    logits = model(tokens, segment_ids, times)
-    logits = jnp.take_along_axis(logits, jnp.minimum(1 + 2 * gap, width - 1)[..., None],
-                                 axis=1)  # [B, C+1, V+1], gap g from slot g
-    logits = jnp.where(banned, -jnp.inf, logits)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    choice = _choose(logits, keys, cfg)
-    chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
-    certainty = jnp.max(logp, axis=-1)
-    active = ~s["done"]
-    acting = active[:, None] & s["open"] & (gap <= n)
-    if cfg.confidence > 0 or cfg.insert_per_step or cfg.insert_fraction < 1.0:
-      threshold = jnp.log(max(cfg.confidence, 1e-30))
-      limit = insertion_limit(jnp.sum(acting, axis=1),
-                              jnp.sum(acting & (certainty >= threshold), axis=1), cfg)
-      deciding, _ = keep_most_confident(acting, certainty, limit)
-    else:
-      deciding = acting
-    do_insert = deciding & (choice != none_id)
-    if cfg.tau > 0:
-      do_insert &= chosen_logp >= jnp.log(cfg.tau)
-    do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
-    canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
-    new_times, _ = insert(s["times"], s["length"], jnp.full_like(choice, now), do_insert)
-    new_open = update_open_gaps(s["open"] & ~(deciding & ~do_insert), do_insert)
-    finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
-    step = s["step"] + 1
-    return dict(
-        canvas=canvas, times=new_times, length=length,
-        done=s["done"] | finished | overflow | (length >= cap),
-        calls=s["calls"] + active.astype(jnp.int32),
-        logprob=s["logprob"] + jnp.sum(jnp.where(deciding, chosen_logp, 0.0), axis=1),
-        step=step, keys=s["keys"], open=new_open,
-        drafts=s["drafts"].at[step].set(canvas), draft_len=s["draft_len"].at[step].set(length),
-        inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
-        inserted_prob=s["inserted_prob"].at[step].set(
-            jnp.where(do_insert, jnp.exp(chosen_logp), 0.0)))
-
-  out = jax.lax.while_loop(cond, body, init)
-  taken = jnp.arange(steps) <= out["step"]
-  drafts = jnp.where(taken[:, None, None], out["drafts"], out["canvas"][None])
-  draft_len = jnp.where(taken[:, None], out["draft_len"], out["length"][None])
-  return Samples(tokens=out["canvas"], length=out["length"], calls=out["calls"],
-                 drafts=drafts, draft_length=draft_len, inserted_logprob=out["logprob"],
-                 inserted=out["inserted"], inserted_prob=out["inserted_prob"],
-                 moved=jnp.zeros((steps, batch_size), jnp.float32))
+  return _grow_owned(gap_logits, model.none_id, rng, cfg, batch_size, stamp)
 
 
 def make_slot_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
   """A jitted ``fn(params, rng) -> Samples`` for the slot model (`sample_slot`)."""
-  _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
+  check_slot_sampler(cfg)
 
   @jax.jit
   def run(params, rng):
