@@ -16,14 +16,16 @@ forced so that every sample has exactly n tokens:
 * AR: the causal model never chooses EOS and stops at the cap n: n + 1 calls, one new
   token each with the KV cache (`sampling.sample_causal_cached`).
 
-The insertion sampler runs its full canvas (n + 2 positions) at every step; the AR model
-one position against the cache.
+The insertion sampler runs its full canvas (n + 2 positions) at every step, or with
+``sampler.grow_canvas`` (the "grown" columns) the smallest of the windows 8, 16, 32, ... that
+holds the draft; the AR model one position against the cache.
 
   python benchmarks/sampling_throughput.py                        # small config, n = 16..256
   python benchmarks/sampling_throughput.py --lengths=16,32,64 --batches=1,32 --repeats=2 \
       --out=benchmarks/sampling_throughput
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -104,27 +106,31 @@ def run_all(config, lengths, batches, repeats) -> list[dict]:
   for n in lengths:
     # Greedy: sampling adds the same small cost to both; the forced outputs decide the length.
     cfg = sampling.SamplerConfig(temperature=0.0, max_len=n, max_steps=n + 1)
+    grown_cfg = dataclasses.replace(cfg, grow_canvas=True)
     for batch in batches:
       semdiff = measure(insertion, sampling.sample, cfg, batch, repeats)
+      grown = measure(insertion, sampling.sample, grown_cfg, batch, repeats)
       ar = measure(causal, sampling.sample_causal_cached, cfg, batch, repeats)
-      row = {"n": n, "batch": batch, "semdiff": semdiff, "ar": ar}
+      row = {"n": n, "batch": batch, "semdiff": semdiff, "grown": grown, "ar": ar}
       rows.append(row)
       print(f"n={n:4d} batch={batch:3d} | semdiff {semdiff['calls']:5.1f} calls "
-            f"{semdiff['tokens_per_s']:10,.0f} tok/s | AR {ar['calls']:6.1f} calls "
-            f"{ar['tokens_per_s']:10,.0f} tok/s", flush=True)
+            f"{semdiff['tokens_per_s']:10,.0f} tok/s, grown {grown['tokens_per_s']:10,.0f} "
+            f"tok/s | AR {ar['calls']:6.1f} calls {ar['tokens_per_s']:10,.0f} tok/s", flush=True)
   return rows
 
 
 def table(rows) -> str:
-  lines = ["| n | batch | semdiff calls | AR calls | 2·log2 n | semdiff s/batch | AR s/batch | "
-           "semdiff tokens/s | AR tokens/s | semdiff / AR |",
-           "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+  lines = ["| n | batch | semdiff calls | AR calls | 2·log2 n | semdiff s/batch | "
+           "grown s/batch | AR s/batch | semdiff tokens/s | grown tokens/s | AR tokens/s | "
+           "semdiff / AR | grown / AR |",
+           "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
   for r in rows:
-    s, a = r["semdiff"], r["ar"]
+    s, g, a = r["semdiff"], r["grown"], r["ar"]
     lines.append(f"| {r['n']} | {r['batch']} | {s['calls']:.0f} | {a['calls']:.0f} | "
-                 f"{2 * math.log2(r['n']):.1f} | {s['seconds']:.3f} | {a['seconds']:.3f} | "
-                 f"{s['tokens_per_s']:,.0f} | {a['tokens_per_s']:,.0f} | "
-                 f"{s['tokens_per_s'] / a['tokens_per_s']:.2f}× |")
+                 f"{2 * math.log2(r['n']):.1f} | {s['seconds']:.3f} | {g['seconds']:.3f} | "
+                 f"{a['seconds']:.3f} | {s['tokens_per_s']:,.0f} | {g['tokens_per_s']:,.0f} | "
+                 f"{a['tokens_per_s']:,.0f} | {s['tokens_per_s'] / a['tokens_per_s']:.2f}× | "
+                 f"{g['tokens_per_s'] / a['tokens_per_s']:.2f}× |")
   return "\n".join(lines)
 
 

@@ -143,6 +143,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.infill = ""
   c.sampler.max_steps = 48
   c.sampler.max_len = 48            # canvas capacity in tokens
+  # Run each step on the smallest of the canvas sizes 8, 16, 32, ... (up to max_len) that
+  # holds the drafts: the same samples for less compute; one compile per size.
+  c.sampler.grow_canvas = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                  # data-parallel axis (-1 = all remaining devices)

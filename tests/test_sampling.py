@@ -241,6 +241,22 @@ def test_untrained_model_grows_within_the_caps_and_keeps_keywords_in_order():
   assert not np.array_equal(other.tokens, out.tokens)
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.0),
+                                      dict(temperature=1.0, confidence=0.5, top_p=0.9)])
+def test_growing_canvas_windows_give_the_same_samples(settings):
+  graphdef, params = _random_insertion_model()
+  cap = 40  # windows 8, 16, 32, 40
+  start, start_length = sampling.keyword_canvas([[10, 11], [], [12], [13, 14, 15]], cap)
+  full, grown = (jax.tree.map(np.asarray, sampling.make_sampler(
+      graphdef, sampling.SamplerConfig(max_steps=8, max_len=cap, grow_canvas=grow, **settings),
+      batch_size=4)(params, jax.random.key(3), start, start_length)) for grow in (False, True))
+  assert full.length.max() > 8  # windows beyond the first were used
+  for field in ("tokens", "length", "calls", "drafts", "inserted"):
+    np.testing.assert_array_equal(getattr(grown, field), getattr(full, field), err_msg=field)
+  np.testing.assert_allclose(grown.inserted_logprob, full.inserted_logprob, rtol=1e-5,
+                             atol=1e-4)
+
+
 def test_draft_texts_are_the_distinct_drafts():
   out = _sample(Stub(_const(7)), sampling.SamplerConfig(temperature=0.0, max_steps=6,
                                                         max_len=8))

@@ -198,6 +198,19 @@ def _child(tok, times, i, side):
   return NONE
 
 
+def test_growing_canvas_windows_give_the_same_tree_samples():
+  model = _model(7)
+  full, grown = (jax.device_get(sampling.sample_tree(
+      model, jax.random.key(2), sampling.SamplerConfig(max_steps=12, max_len=20,
+                                                      grow_canvas=grow), batch_size=6))
+      for grow in (False, True))
+  assert full.length.max() > 16  # windows 8, 16, 20: all used
+  for field in ("tokens", "length", "calls", "drafts"):
+    np.testing.assert_array_equal(getattr(grown, field), getattr(full, field), err_msg=field)
+  np.testing.assert_allclose(grown.inserted_logprob, full.inserted_logprob, rtol=1e-5,
+                             atol=1e-4)
+
+
 def test_sampler_is_per_example_and_rejects_unsupported_controls():
   model = _model(6)
   cfg = sampling.SamplerConfig(max_steps=10, max_len=10)
