@@ -86,6 +86,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # train.grad_accum_steps micro-batches packs into 1/grad_accum_steps of them.
   c.noise.pack_rows = 26
   c.noise.causal_pack_rows = 24     # model_kind=causal: rows its sentences are packed into
+  # model_kind=slot: the order of its non-random training paths and of its bound: "level"
+  # (a level's gaps decide together) or "sequential" (one at a time, left to right).
+  c.noise.slot_order = "level"
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -145,7 +148,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.max_len = 48            # canvas capacity in tokens
   # Run each step on the smallest of the canvas sizes 8, 16, 32, ... (up to max_len) that
   # holds the drafts: the same samples for less compute; one compile per size.
-  c.sampler.grow_canvas = False
+  c.sampler.grow_canvas = True
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                  # data-parallel axis (-1 = all remaining devices)

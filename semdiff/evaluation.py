@@ -30,6 +30,8 @@ class NllEvaluator:
     graphdef: the model's graph definition.
     model_kind: "insertion", "tree", "slot", "causal" or "masked".
     stats, scorer_cfg: how the forward process scores tokens (insertion only).
+    slot_order: the slot model's path order ("level" or "sequential", as
+      ``config.noise.slot_order``).
 
   The masked-diffusion bound is not exact but a Monte-Carlo estimate of its ELBO:
   ``MASKED_T_DRAWS`` stratified noise levels per sentence (t_k = (k + u) / K, one uniform u
@@ -41,6 +43,7 @@ class NllEvaluator:
   model_kind: str
   stats: scorers.ScoringStats
   scorer_cfg: scorers.ScorerConfig
+  slot_order: str = "level"
 
   def __post_init__(self):
     def trees(tokens, mask):
@@ -68,14 +71,15 @@ class NllEvaluator:
       entropy = scorers.path_entropy(tokens, mask, depth, self.stats, self.scorer_cfg)
       return nll - entropy, noising.tree_height(depth, mask)
 
-    def slot(params, tokens, mask):  # the level order: the parallel sampler's path
+    def slot(params, tokens, mask):  # the path of the non-random training rows
       model = nnx.merge(self.graphdef, params)
       s = scorers.significance(tokens, mask, jax.random.key(12345), self.stats, self.scorer_cfg)
       ancestor = noising.ancestors(s, mask)
       depth = noising.depth_from_ancestors(ancestor, mask)
       child, root = noising.children(ancestor, depth, mask)
       level_order = jnp.zeros((tokens.shape[0],), bool)
-      times = losses.slot_schedule(ancestor, depth, mask, child, jax.random.key(0), level_order)
+      times = losses.slot_schedule(ancestor, depth, mask, child, jax.random.key(0), level_order,
+                                   self.slot_order == "sequential")
       inputs, targets = losses.slot_inputs(tokens, mask, depth, child, root, *times,
                                            model.slot_id, model.none_id)
       nll = jnp.sum(losses.gap_nll(model(*inputs), targets), axis=1)

@@ -41,6 +41,9 @@ class NoiseConfig:
       canvases per row, attention kept inside each); 0 = one canvas per row.
     causal_pack_rows: the causal baseline's packing: its B sequences
       ``[BOS] x`` go into this many rows of width L + 1; 0 = one per row.
+    slot_order: the slot model's non-random training order, which its bound reads:
+      "level" (a level's gaps decide together, as the parallel sampler does) or
+      "sequential" (one at a time, left to right; see `slot_schedule`).
   """
 
   frontier_prob: float = 0.0
@@ -49,6 +52,7 @@ class NoiseConfig:
   states_per_example: int = 1
   pack_rows: int = 0
   causal_pack_rows: int = 0
+  slot_order: str = "level"
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -57,10 +61,14 @@ class NoiseConfig:
     if cfg.frontier_kind not in FRONTIER_KINDS:
       raise ValueError(f"Unknown noise.frontier_kind {cfg.frontier_kind!r}; choose one of "
                        f"{', '.join(FRONTIER_KINDS)}.")
+    if cfg.slot_order not in SLOT_ORDERS:
+      raise ValueError(f"Unknown noise.slot_order {cfg.slot_order!r}; choose one of "
+                       f"{', '.join(SLOT_ORDERS)}.")
     return cfg
 
 
 FRONTIER_KINDS = ("level", "tree", "both")
+SLOT_ORDERS = ("level", "sequential")
 
 
 def canvas_inputs(canvas: jax.Array, length: jax.Array):
@@ -397,33 +405,51 @@ def tree_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
 TIME_SCALE = 1_000_000
 
 
-def slot_schedule(ancestor, depth, mask, child, rng, random_order):
+def slot_schedule(ancestor, depth, mask, child, rng, random_order, sequential: bool = False):
   """Insertion times of tokens and decision times of their slots, one schedule per row.
 
   Level order (``random_order`` False): a token's time is its depth; each slot decides one
-  step after its owner (its child, if any, is inserted then). Random order: every token
-  waits a uniform (0, 1] after its parent (times are sums over its ancestors), a slot with
-  a child decides when the child is inserted, and an empty slot a uniform (0, 1] after its
-  owner. Either way a slot sees exactly the tokens inserted before it decides.
+  step after its owner (its child, if any, is inserted then). With ``sequential`` the
+  level-order rows instead decide a level's gaps one at a time, left to right: the gap g of
+  the level-d canvas decides at time d + 1 + g / (L + 1), seeing the tokens already put into
+  the gaps left of it, so the path's -log p is a chain rule with no independence between a
+  level's gaps (the order depends only on the canvas so far, so it is a proper model).
+  Random order: every token waits a uniform (0, 1] after its parent (times are sums over its
+  ancestors), a slot with a child decides when the child is inserted, and an empty slot a
+  uniform (0, 1] after its owner. Either way a slot sees exactly the tokens inserted before
+  it decides.
 
   Args:
     ancestor: bool [B, L, L]; depth: int [B, L]; mask: bool [B, L];
     child: int [B, L, 2] from `noising.children`; rng: PRNG key;
-    random_order: bool [B], which rows take the random schedule.
+    random_order: bool [B], which rows take the random schedule;
+    sequential: (static) the other rows take the sequential level order.
 
   Returns:
     (times int32 [B, L] of the tokens, slot_times int32 [B, L, 2] of their left and right
     slots, root_time int32 [B] of BOS's slot), in units of 1/TIME_SCALE step.
   """
+  max_len = mask.shape[1]
   k_u, k_none = jax.random.split(rng)
   u = 1.0 - jax.random.uniform(k_u, mask.shape)
   walk = u + jnp.einsum("bij,bj->bi", ancestor.astype(jnp.float32), u)
   level = depth.astype(jnp.float32) + 1.0  # depth-d tokens at time d + 1: BOS, EOS at 0
+  # A slot's gap in its owner's canvas (the level-d canvas): its owner's rank there + side.
+  older = mask[:, None, :] & (depth[:, None, :] <= depth[:, :, None])
+  left_of = jnp.tril(jnp.ones((max_len, max_len), bool), -1)[None]  # j < i
+  rank = jnp.sum(older & left_of, axis=2).astype(jnp.float32)  # [B, L]
+  slot_level = level[..., None] + 1.0
+  if sequential:
+    # A token sits in gap (its older left neighbours) of the canvas it is inserted into.
+    gap_in = jnp.sum(older & left_of & (depth[:, None, :] < depth[:, :, None]), axis=2)
+    level = level + gap_in.astype(jnp.float32) / (max_len + 1)
+    slot_level = slot_level + (rank[..., None] + jnp.arange(2.0)) / (max_len + 1)
   t = jnp.where(random_order[:, None], walk, level)
   t = jnp.where(mask, jnp.ceil(t * TIME_SCALE), 0).astype(jnp.int32)
   wait = 1.0 - jax.random.uniform(k_none, child.shape)
-  empty = jnp.where(random_order[:, None, None], wait, 1.0)
-  empty = t[..., None] + jnp.ceil(empty * TIME_SCALE).astype(jnp.int32)
+  empty = jnp.where(random_order[:, None, None],
+                    t[..., None] + jnp.ceil(wait * TIME_SCALE).astype(jnp.int32),
+                    jnp.ceil(slot_level * TIME_SCALE).astype(jnp.int32))
   child_time = jnp.take_along_axis(t[:, :, None], jnp.maximum(child, 0).reshape(
       child.shape[0], -1, 1), axis=1).reshape(child.shape)
   slot_times = jnp.where(child >= 0, child_time, empty)
@@ -477,7 +503,9 @@ def slot_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
 
   A share ``noise_cfg.frontier_prob`` of the sentences take a random insertion order (so the
   model learns to decide a gap later, with more context: confident-first sampling), the
-  rest the level order of the parallel sampler (whose -log p(path) is the reported bound).
+  rest the level order of the parallel sampler (whose -log p(path) is the reported bound),
+  or with ``noise_cfg.slot_order="sequential"`` the level order with a level's gaps decided
+  one at a time, left to right (`slot_schedule`).
   Packed like the causal baseline (``noise_cfg.causal_pack_rows``, rows of width 3L + 3).
   """
   none_id = model.none_id
@@ -489,8 +517,9 @@ def slot_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   child, root = noising.children(ancestor, depth, mask)
   share = noise_cfg.frontier_prob if noise_cfg is not None else 0.0
   random_order = jax.random.uniform(k_order, height.shape) < share
+  sequential = noise_cfg is not None and noise_cfg.slot_order == "sequential"
   times, slot_times, root_time = slot_schedule(ancestor, depth, mask, child, k_times,
-                                               random_order)
+                                               random_order, sequential)
   inputs, targets = slot_inputs(tokens, mask, depth, child, root, times, slot_times, root_time,
                                 model.slot_id, none_id)
   num = tokens.shape[0]

@@ -82,8 +82,9 @@ def _spec_for(logical, shape, mesh: Mesh) -> P:
 def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> Any:
   """NamedShardings for a parameter State, from its logical axis metadata."""
   def one(var):
-    logical = getattr(var, "out_sharding", None) or (None,) * var.value.ndim
-    return NamedSharding(mesh, _spec_for(logical, var.value.shape, mesh))
+    shape = var.get_value().shape
+    logical = getattr(var, "out_sharding", None) or (None,) * len(shape)
+    return NamedSharding(mesh, _spec_for(logical, shape, mesh))
   return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -430,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   refresh = exp.scorer_cfg.table_source == "model"
   step_stats = ()
   eval_batches = pipeline.eval_batches(config, exp.tokenizer, "validation")
-  evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg)
+  evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg,
+                                      exp.noise_cfg.slot_order)
   if refresh:  # trees of the current parameters' embedding
     evaluator = functools.partial(_evaluate_on_own_table, exp)
   preempted = _Preempted()
@@ -538,7 +539,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _evaluate_on_own_table(exp: Experiment, params, batches, **kwargs) -> dict:
   """`evaluation.NllEvaluator` with the trees of ``params``' own input embedding."""
   return evaluation.NllEvaluator(exp.graphdef, exp.config.model_kind, model_stats(exp, params),
-                                 exp.scorer_cfg)(params, batches, **kwargs)
+                                 exp.scorer_cfg, exp.noise_cfg.slot_order)(params, batches,
+                                                                           **kwargs)
 
 
 def _grammar_summary(config, exp, eval_batches, final) -> dict:

@@ -249,8 +249,8 @@ def _slot_model(seed=0):
   return model
 
 
-@pytest.mark.parametrize("random_order", [False, True])
-def test_slot_one_pass_equals_every_draft_the_sampler_sees(random_order):
+@pytest.mark.parametrize("order", ["level", "random", "sequential"])
+def test_slot_one_pass_equals_every_draft_the_sampler_sees(order):
   """Each slot's logits in the training pass are those the sampler computes for its gap
   in the draft the slot decides in (the tokens inserted before its decision time)."""
   tokens, mask, scores = _batch(7, batch=4, length=8)
@@ -258,9 +258,9 @@ def test_slot_one_pass_equals_every_draft_the_sampler_sees(random_order):
   ancestor = noising.ancestors(jnp.asarray(scores), jmask)
   depth = noising.depth_from_ancestors(ancestor, jmask)
   child, root = noising.children(ancestor, depth, jmask)
-  order = jnp.full((4,), random_order)
-  times, slot_times, root_time = losses.slot_schedule(ancestor, depth, jmask, child,
-                                                      jax.random.key(2), order)
+  times, slot_times, root_time = losses.slot_schedule(
+      ancestor, depth, jmask, child, jax.random.key(2), jnp.full((4,), order == "random"),
+      sequential=order == "sequential")
   model = _slot_model()
   inputs, targets = losses.slot_inputs(jnp.asarray(tokens), jmask, depth, child, root, times,
                                        slot_times, root_time, model.slot_id, NONE)
@@ -293,4 +293,19 @@ def test_slot_one_pass_equals_every_draft_the_sampler_sees(random_order):
       np.testing.assert_allclose(part[0, 1 + 2 * g], full[b, position], rtol=2e-4, atol=2e-4)
       assert targets[b, position] >= 0
       checked += 1
+    if order == "sequential":
+      _check_sequential_schedule(slots, times[b, :n], np.asarray(depth)[b, :n])
   assert checked > 10
+
+
+def _check_sequential_schedule(slots, times, depth):
+  """Slot of a depth-d owner, in gap g of the level-d canvas: one decision at a time, seeing
+  the level-d canvas and the depth-(d + 1) tokens of the gaps left of g."""
+  assert len({s[1] for s in slots}) == len(slots)
+  n = len(depth)
+  gap_of = lambda k, d: sum(depth[j] <= d for j in range(k))  # k's gap in the level-d canvas
+  for position, now, owner, side in slots:
+    d = -1 if owner < 0 else depth[owner]
+    g = 0 if owner < 0 else gap_of(owner, d) + side
+    expected = {k for k in range(n) if depth[k] <= d or (depth[k] == d + 1 and gap_of(k, d) < g)}
+    assert set(np.flatnonzero(times < now)) == expected, (position, owner, side)
