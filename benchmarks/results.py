@@ -7,7 +7,8 @@ model first (`train.fit_to_budget`), so the comparison stays fair when other job
 machine. The models:
 
   semdiff             the insertion model, `unigram` order
-  semdiff_<scorer>    the same with an embedding scorer, when one is registered
+  semdiff_<scorer>    the same with each embedding scorer (embedding_loo, embedding_greedy,
+                      model_embedding)
   random              the insertion model, random order
   left_to_right       the insertion model, left-to-right order (autoregressive)
   ar                  the causal Transformer of the same size (KV-cache sampling)
@@ -51,7 +52,7 @@ _MASKED_STEPS = flags.DEFINE_list(
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides for every model, e.g. "
                                  "--set=model.num_layers=2.")
 
-# Preferred embedding scorers, the first registered one is used.
+# The embedding scorers of the table, each a row (those registered).
 EMBEDDING_SCORERS = ("embedding_loo", "embedding_greedy", "model_embedding")
 
 
@@ -62,10 +63,9 @@ def models() -> dict:
          "semdiff_tree": ("semdiff tree model (unigram)",
                           {"model_kind": "tree", "sampler.confidence": 0.0}),
          "semdiff_slot": ("semdiff slot model (unigram)", {"model_kind": "slot"})}
-  embedding = [s for s in EMBEDDING_SCORERS if s in scorers.names()]
-  if embedding:
-    out[f"semdiff_{embedding[0]}"] = (f"semdiff ({embedding[0]})",
-                                      {"scorer.name": embedding[0]})
+  for name in EMBEDDING_SCORERS:
+    if name in scorers.names():
+      out[f"semdiff_{name}"] = (f"semdiff ({name})", {"scorer.name": name})
   out["random"] = ("random order", {"scorer.name": "random"})
   out["left_to_right"] = ("left_to_right order", {"scorer.name": "left_to_right"})
   out["masked"] = ("masked diffusion", {"model_kind": "masked"})
