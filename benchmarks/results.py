@@ -107,6 +107,7 @@ def train_one(name: str, overrides: dict, out_dir: str, tokenizer_path: str) -> 
   else:
     steps, per_step = train.fit_to_budget(config, workdir, _BUDGET.value, _CORES.value)
     plan = {"steps": steps, "seconds_per_step": per_step}
+    os.makedirs(os.path.dirname(plan_path), exist_ok=True)
     with open(plan_path, "w") as f:
       json.dump(plan, f)
   print(f"== {name}: {plan['seconds_per_step']:.3f} s/step on {_CORES.value} cores (CPU time) "
