@@ -48,7 +48,7 @@ _MERGE = flags.DEFINE_list(
 
 # Every setting states all the knobs it uses, so none inherits the config's sampler.
 _PLAIN = {"temperature": 1.0, "top_p": 1.0, "insert_fraction": 1.0, "insert_per_step": 0,
-          "confidence": 0.0, "select": "sample"}
+          "confidence": 0.0, "select": "sample", "none_bias": 0.0}
 INSERTION_SETTINGS = {
     "all gaps, T=1": dict(_PLAIN),
     "all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9),
@@ -60,6 +60,12 @@ INSERTION_SETTINGS = {
     "all gaps, T=0.7": dict(_PLAIN, temperature=0.7),
     "one gap per step, top-p 0.9": dict(_PLAIN, top_p=0.9, insert_per_step=1),
     "one gap per step, T=1": dict(_PLAIN, insert_per_step=1),
+    # Emptiness decided once per gap (the model's p(none)); tokens confident-first.
+    "reserve, confidence 0.5, top-p 0.9": dict(_PLAIN, top_p=0.9, confidence=0.5,
+                                               select="reserve"),
+    # Length calibration of the best schedule.
+    "confidence 0.5, top-p 0.9, none bias -1": dict(_PLAIN, top_p=0.9, confidence=0.5,
+                                                    none_bias=-1.0),
     # Gaps chosen by certainty before they sample; a none closes its gap.
     "certainty, all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty"),
     "certainty 0.9, top-p 0.9": dict(_PLAIN, top_p=0.9, select="certainty", confidence=0.9),

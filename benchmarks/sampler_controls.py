@@ -7,7 +7,7 @@ accepts (grammar corpus only) and distinct-2 (distinct word bigrams / all word b
 the samples).
 
   python benchmarks/sampler_controls.py --workdir=workdirs/default [--num=256] \
-      [--keywords="dog"] [--tau=0.05,0.1,0.2] [--epsilon=0.005,0.02] [--delta=0.1,0.3] \
+      [--keywords="dog"] [--tau=0.005,0.01,0.05] [--epsilon=0.005,0.02] [--delta=0.1,0.3] \
       [--out=controls.md]
 
 Every setting compiles its own sampler: about 10-30 s each for the default model on 2 CPU
@@ -32,7 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir.")
 _NUM = flags.DEFINE_integer("num", 256, "Samples per setting.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every setting).")
 _KEYWORDS = flags.DEFINE_string("keywords", None, "Keywords for every setting (optional).")
-_TAU = flags.DEFINE_list("tau", ["0.05", "0.1", "0.2", "0.4"], "tau values.")
+_TAU = flags.DEFINE_list("tau", ["0.002", "0.005", "0.01", "0.05"], "tau values.")
 _EPSILON = flags.DEFINE_list("epsilon", ["0.005", "0.02", "0.05"], "epsilon values.")
 _DELTA = flags.DEFINE_list("delta", ["0.1", "0.3", "0.6"], "delta values.")
 _OUT = flags.DEFINE_string("out", "", "Also write the Markdown table to this file.")

@@ -133,7 +133,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
   c.sampler.insert_fraction = 1.0   # confident-first: share of wanting gaps that insert
   c.sampler.confidence = 0.5        # confident-first: gaps with p >= this insert (>= 1 a step)
-  c.sampler.select = "sample"       # confident-first: "sample" or "certainty" (see sampling.py)
+  c.sampler.select = "sample"       # confident-first: "sample", "certainty" or "reserve"
+  c.sampler.stop_filter = "joint"   # "joint": none is a choice under top-k/p; "separate"
+  c.sampler.none_bias = 0.0         # added to none's logit (< 0: longer texts)
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
   # measured as 1 - cos between consecutive drafts:
   c.sampler.epsilon = 0.0           # stop when a step moves E by less than this (0 = off)

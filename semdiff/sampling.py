@@ -43,6 +43,9 @@ from semdiff import scorers
 from semdiff.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
+SELECT_MODES = ("sample", "certainty", "reserve")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Sampling controls (fields mirror ``config.sampler``).
@@ -75,6 +78,14 @@ class SamplerConfig:
       empty). Each gap decision is then made once, in an order that does not
       depend on the draw, so frequent re-asking cannot bias the length; the
       run stops when no gap is open.
+      "reserve": whether a gap gets a token is decided once, when the gap first
+      appears, with the model's own probability of ``none`` (as
+      ``stop_filter="separate"``): ``none`` closes it for good, otherwise the
+      gap is reserved and keeps drawing its token (``none`` excluded; the
+      filters act on the tokens) until it is among the most confident and
+      inserts. The length then follows the all-gaps sampler, while each token
+      is chosen as late as confident-first wants; the run stops when no gap
+      is open.
     max_steps: cap on insertion steps.
     max_len: canvas capacity C (tokens).
     epsilon: semantic stop: an example stops after a step that moved its
@@ -91,6 +102,9 @@ class SamplerConfig:
       then raises the chance of ``none``, so nucleus sampling shortens the
       text). "separate": a gap first stops with the model's own probability of
       ``none``; only when it inserts do the filters pick its token.
+    none_bias: added to every gap's ``none`` logit before any choice (0 = the
+      model as trained; < 0 lengthens the text, > 0 shortens it). A length
+      calibration: an undertrained model's ``none`` tends to be overconfident.
     grow_canvas: run each step on the smallest canvas window (8, 16, 32, ...
       tokens, up to ``max_len``; see `canvas_windows`) that holds every row's
       draft, instead of all ``max_len`` positions. The samples are the same
@@ -118,6 +132,7 @@ class SamplerConfig:
   prompt: str = ""
   infill: str = ""
   stop_filter: str = "joint"
+  none_bias: float = 0.0
   grow_canvas: bool = False
 
   @property
@@ -134,8 +149,9 @@ class SamplerConfig:
     if cfg.stop_filter not in ("joint", "separate"):
       raise ValueError(f"sampler.stop_filter must be 'joint' or 'separate', got "
                        f"{cfg.stop_filter!r}.")
-    if cfg.select not in ("sample", "certainty"):
-      raise ValueError(f"sampler.select must be 'sample' or 'certainty', got {cfg.select!r}.")
+    if cfg.select not in SELECT_MODES:
+      raise ValueError(f"sampler.select must be one of {', '.join(SELECT_MODES)}, got "
+                       f"{cfg.select!r}.")
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:
@@ -275,7 +291,9 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
 def _step(model, canvas, length, keys, cfg: SamplerConfig):
   """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G].
 
-  ``certainty`` is the largest log-probability of any choice of the gap.
+  ``certainty`` is the largest log-probability of any choice of the gap. With
+  ``select="reserve"``, ``choice`` is a token in every gap and ``logprob`` its probability
+  given that the gap is not empty; ``do_insert`` says the gap drew "not empty" (and ``tau``).
 
   ``keys``: [B] PRNG keys, one per example.
   """
@@ -286,14 +304,29 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig):
   banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
       True)
   logits = jnp.where(banned, -jnp.inf, logits)
+  if cfg.none_bias:
+    logits = logits.at[..., none_id].add(cfg.none_bias)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  choice = _choose(logits, keys, cfg)
-  chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
+  if cfg.select == "reserve":
+    # The token of every gap with none excluded (its probability given that the gap is not
+    # empty); whether the gap is empty is drawn from the model's own p(none).
+    token_logits = logits.at[..., none_id].set(-jnp.inf)
+    choice = _choose(token_logits, keys, dataclasses.replace(cfg, stop_filter="joint"))
+    token_logp = jax.nn.log_softmax(token_logits, axis=-1)
+    chosen_logp = jnp.take_along_axis(token_logp, choice[..., None], axis=-1)[..., 0]
+    stop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    p_none = jnp.exp(logp[..., none_id])
+    empty = jax.vmap(lambda k, p: jax.random.uniform(k, p.shape) < p)(stop_keys, p_none)
+  else:
+    choice = _choose(logits, keys, cfg)
+    chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
   gap = jnp.arange(cap + 1)[None, :]
   allowed = gap <= length[:, None]
   if cfg.gaps == "last":
     allowed &= gap == length[:, None]
   do_insert = allowed & (choice != none_id)
+  if cfg.select == "reserve":
+    do_insert &= ~empty  # choice is a token everywhere: a reserved gap ignores the draw
   if cfg.tau > 0:
     do_insert &= chosen_logp >= jnp.log(cfg.tau)
   return choice, do_insert, chosen_logp, jnp.max(logp, axis=-1)
@@ -336,6 +369,16 @@ def update_open_gaps(open_gaps: jax.Array, do_insert: jax.Array) -> jax.Array:
   rows = jnp.arange(batch)[:, None]
   new = jnp.zeros_like(open_gaps).at[rows, dest].set(open_gaps, mode="drop")
   return new.at[rows, jnp.where(do_insert, dest + 1, gaps)].set(True, mode="drop")
+
+
+def move_gap_state(state: jax.Array, do_insert: jax.Array) -> jax.Array:
+  """A per-gap flag after `insert`, bool [B, G] -> [B, G]: old gap g moves to its new index;
+  the two gaps around a new token start False."""
+  batch, gaps = state.shape
+  ins = do_insert.astype(jnp.int32)
+  dest = jnp.arange(gaps)[None, :] + jnp.cumsum(ins, axis=1) - ins
+  rows = jnp.arange(batch)[:, None]
+  return jnp.zeros_like(state).at[rows, dest].set(state & ~do_insert, mode="drop")
 
 
 def sentence_sum(canvas, length, table, weights) -> jax.Array:
@@ -451,6 +494,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
               done=jnp.zeros((batch_size,), bool), calls=jnp.zeros((batch_size,), jnp.int32),
               logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
               keys=_example_keys(rng, batch_size), open=jnp.asarray(open_gaps, bool),
+              reserved=jnp.zeros((batch_size, cap + 1), bool),
               sum=embed_sum(start, start_length), drafts=drafts, draft_len=draft_len,
               inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
               inserted_prob=jnp.zeros((steps, batch_size, cap + 1), jnp.float32),
@@ -467,7 +511,24 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     threshold = jnp.log(max(cfg.confidence, 1e-30))
     gap = jnp.arange(cap + 1)[None, :]
     open_gaps = s["open"]
-    if cfg.select == "certainty":
+    reserved = s["reserved"]
+    wanted_any = jnp.zeros((batch_size,), bool)
+    if cfg.select == "reserve":
+      live = active[:, None] & open_gaps & (gap <= s["length"][:, None])
+      if cfg.gaps == "last":
+        live &= gap == s["length"][:, None]
+      tau_ok = (chosen_logp >= jnp.log(cfg.tau)) if cfg.tau > 0 else jnp.ones_like(live)
+      # A new gap decides once whether it is empty; a reserved one only waits for its token.
+      reserved = reserved | (live & ~reserved & do_insert)
+      closing = live & ~reserved
+      wanted = live & reserved & tau_ok
+      open_gaps = open_gaps & ~closing & ~(live & reserved & ~tau_ok)
+      reserved = reserved & open_gaps
+      wanted_any = jnp.any(wanted, axis=1)
+      limit = insertion_limit(jnp.sum(wanted, axis=1),
+                              jnp.sum(wanted & (chosen_logp >= threshold), axis=1), cfg)
+      do_insert, _ = keep_most_confident(wanted, chosen_logp, limit)
+    elif cfg.select == "certainty":
       # Choose the gaps first, by a rule that does not look at the draw; only they decide.
       acting = active[:, None] & open_gaps & (gap <= s["length"][:, None])
       if cfg.gaps == "last":
@@ -497,8 +558,12 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     moved = jnp.where(active, _distance(s["sum"], new_sum), 0.0)
     inserted_any = jnp.any(do_insert, axis=1)
     new_open = update_open_gaps(open_gaps, do_insert)
-    if cfg.select == "certainty":
+    # A gap that inserted becomes two new, undecided gaps; the others keep their state.
+    new_reserved = move_gap_state(reserved & ~do_insert, do_insert)
+    if cfg.select in ("certainty", "reserve"):
       finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
+      # Reserved gaps whose insertions delta (or the canvas) refused would wait forever.
+      finished |= wanted_any & ~inserted_any
     else:
       finished = ~inserted_any
     done = s["done"] | finished | overflow | (length >= cap)
@@ -509,7 +574,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
         canvas=canvas, length=length, done=done,
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(do_insert, chosen_logp, 0.0), axis=1),
-        step=step, keys=s["keys"], open=new_open, sum=new_sum,
+        step=step, keys=s["keys"], open=new_open, reserved=new_reserved, sum=new_sum,
         drafts=s["drafts"].at[step].set(canvas),
         draft_len=s["draft_len"].at[step].set(length),
         inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
@@ -571,6 +636,9 @@ def check_tree_sampler(cfg: SamplerConfig) -> None:
 def check_slot_sampler(cfg: SamplerConfig) -> None:
   """Raises a one-line error for a sampler setting the slot model cannot honour."""
   _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
+  if cfg.select == "reserve":
+    raise ValueError("sampler.select='reserve' is not available with model_kind=slot (its "
+                     "gaps are chosen by certainty): set --config.sampler.select='certainty'.")
 
 
 def _grow_owned(gap_logits, none_id: int, rng, cfg: SamplerConfig, batch_size: int,
@@ -608,6 +676,8 @@ def _grow_owned(gap_logits, none_id: int, rng, cfg: SamplerConfig, batch_size: i
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
     logits = gap_logits(s["canvas"], s["times"], s["length"], s["step"])
     logits = jnp.where(banned, -jnp.inf, logits)
+    if cfg.none_bias:
+      logits = logits.at[..., none_id].add(cfg.none_bias)
     logp = jax.nn.log_softmax(logits, axis=-1)
     choice = _choose(logits, keys, cfg)
     chosen_logp = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]

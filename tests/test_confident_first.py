@@ -92,3 +92,66 @@ def test_certainty_selection_decides_each_gap_once():
   finished = length < 40
   assert finished.any()
   np.testing.assert_array_equal(calls[finished], 2 * length[finished] + 1)
+
+
+class ConstantGaps:
+  """Every gap has the same distribution: ``none`` with probability ``p_none``, else a
+  uniform token. Growth is then a branching process: from one gap, a sentence has on average
+  p / (1 - 2p) tokens, p = 1 - p_none, whatever the order the gaps are filled in."""
+
+  none_id = V
+
+  def __init__(self, p_none):
+    allowed = V - 4  # PAD, BOS, EOS and UNK are never sampled
+    self.bias = float(np.log(p_none / (1.0 - p_none) * allowed))
+
+  def __call__(self, tokens, segment_ids, positions):
+    del segment_ids, positions
+    # (Zero times the input, so that XLA does not constant-fold the whole loop.)
+    logits = jnp.zeros((tokens.shape[0], tokens.shape[1] - 1, V + 1), jnp.float32)
+    logits += 0.0 * tokens[:, :1, None].astype(jnp.float32)
+    return logits.at[..., V].set(self.bias)
+
+
+def _constant_lengths(cfg, batch=512):
+  out = jax.jit(lambda key: sampling.sample(ConstantGaps(0.7), key, cfg, batch_size=batch))(
+      jax.random.key(3))
+  return out
+
+
+def test_reserve_selection_keeps_the_length_of_the_parallel_process():
+  base = sampling.SamplerConfig(temperature=1.0, max_len=64, max_steps=64, select="reserve")
+  expected = 0.3 / (1.0 - 2 * 0.3)
+  for cfg in (base, dataclasses.replace(base, insert_per_step=1),
+              dataclasses.replace(base, confidence=1.0)):
+    out = _constant_lengths(cfg)
+    assert abs(float(np.mean(np.asarray(out.length))) - expected) < 0.25, cfg
+  # Asking the waiting gaps again (select="sample") changes the length: here it runs away,
+  # since a one-gap-per-step sample only stops when every gap says none at once.
+  asked = _constant_lengths(dataclasses.replace(base, select="sample", insert_per_step=1))
+  assert abs(float(np.mean(np.asarray(asked.length))) - expected) > 1.0
+
+
+def test_reserve_one_gap_per_step_inserts_until_no_gap_is_open():
+  # Each step inserts exactly one reserved token, until the last step closes the open gaps.
+  cfg = sampling.SamplerConfig(temperature=1.0, max_len=40, max_steps=90, insert_per_step=1,
+                               select="reserve")
+  out = jax.jit(lambda key: sampling.sample(NoneLeaning(), key, cfg, batch_size=6))(
+      jax.random.key(0))
+  length, calls = np.asarray(out.length), np.asarray(out.calls)
+  grown = np.diff(np.asarray(out.draft_length), axis=0)
+  assert set(np.unique(grown)) <= {0, 1}
+  finished = length < 40
+  assert finished.any()
+  np.testing.assert_array_equal(calls[finished], length[finished] + 1)
+
+
+def test_reserve_samples_do_not_depend_on_the_batch():
+  cfg = sampling.SamplerConfig(temperature=1.0, max_len=24, max_steps=20, confidence=0.5,
+                               select="reserve")
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
+  model = NoneLeaning()
+  batched = sampling.sample(model, keys, cfg, batch_size=4)
+  for i in range(4):
+    one = sampling.sample(model, keys[i:i + 1], cfg, batch_size=1)
+    np.testing.assert_array_equal(np.asarray(one.tokens[0]), np.asarray(batched.tokens[i]))
