@@ -577,11 +577,15 @@ def cpu_seconds_per_step(config: ml_collections.ConfigDict, workdir: str,
   it = pipeline.train_iterator(config, exp.tokenizer)
   state = init_state(exp)
   step = make_train_step(exp)
-  state, m = step(state, sharding.global_batch(next(it), exp.mesh))
+  # A scorer on the model's own table takes its snapshot as an argument (see `train_loop`);
+  # refreshed every scorer.refresh_every steps, the snapshot's cost per step is small.
+  stats = ((model_stats(exp, state["params"]),) if exp.scorer_cfg.table_source == "model"
+           else ())
+  state, m = step(state, sharding.global_batch(next(it), exp.mesh), *stats)
   jax.block_until_ready(m)
   t = time.process_time()
   for _ in range(steps):
-    state, m = step(state, sharding.global_batch(next(it), exp.mesh))
+    state, m = step(state, sharding.global_batch(next(it), exp.mesh), *stats)
   jax.block_until_ready(m)
   return (time.process_time() - t) / steps
 

@@ -346,3 +346,11 @@ def test_killed_run_resumes_with_the_same_metrics(tiny_run, tmp_path):
   assert "Resuming from the checkpoint at step" in done.stdout
   keys = [(20, "train/"), (20, "eval/"), (20, "samples/")]
   assert_same_rows(read_rows(workdir), read_rows(reference), keys)
+
+
+@pytest.mark.parametrize("scorer", ["unigram", "model_embedding"])
+def test_step_budget_is_measured_for_every_scorer(tiny_run, tmp_path, scorer):
+  # model_embedding's step takes the table snapshot as one more argument.
+  config = tiny_config(**{"scorer.name": scorer})
+  per_step = train.cpu_seconds_per_step(config, new_workdir(tmp_path, tiny_run[0]), steps=2)
+  assert per_step > 0
