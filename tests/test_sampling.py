@@ -351,3 +351,27 @@ def test_left_to_right_greedy_parallel_equals_greedy_autoregressive(left_to_righ
   # The comparison is not vacuous: the model wrote after most prompts, more than once for some.
   added = parallel.length - n_prompt
   assert added.sum() >= 8 and (added > 1).any(), added
+
+
+def _sorted_nucleus(logits, top_p):
+  """The textbook top-p: sort, accumulate, cut where the mass first reaches top_p."""
+  order = np.argsort(-logits, kind="stable")
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  cum = np.cumsum(probs[order])
+  keep = np.zeros(logits.shape, bool)
+  keep[order[:int(np.sum(cum < top_p)) + 1]] = True
+  return keep
+
+
+def test_nucleus_equals_the_sorted_reference():
+  rng = np.random.default_rng(0)
+  for scale in (0.5, 2.0, 6.0):
+    logits = (rng.normal(size=(64, 101)) * scale).astype(np.float32)
+    logits[:8, :50] = -np.inf  # banned choices
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+      got = np.asarray(sampling.nucleus(jnp.asarray(logits), top_p))
+      want = np.stack([_sorted_nucleus(row.astype(np.float64), top_p) for row in logits])
+      # Float rounding may move the cut by one choice when the mass lands on top_p.
+      assert np.mean(np.all(got == want, axis=1)) > 0.98, (scale, top_p)
+      assert np.all(np.abs(got.sum(1) - want.sum(1)) <= 1)
