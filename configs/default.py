@@ -89,6 +89,10 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # model_kind=slot: the order of its non-random training paths and of its bound: "level"
   # (a level's gaps decide together) or "sequential" (one at a time, left to right).
   c.noise.slot_order = "level"
+  # Loss weight of each training state: "uniform", "height" (x (H + 1): the NLL bound's own
+  # gradient) or "importance" (also undoes the level-frontier draw's bias; capped).
+  c.noise.state_weight = "uniform"
+  c.noise.frontier_weight_cap = 100.0
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -133,7 +137,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.insert_per_step = 0     # confident-first: max insertions per step (0 = all)
   c.sampler.insert_fraction = 1.0   # confident-first: share of wanting gaps that insert
   c.sampler.confidence = 0.5        # confident-first: gaps with p >= this insert (>= 1 a step)
-  c.sampler.select = "sample"       # confident-first: "sample", "certainty" or "reserve"
+  c.sampler.select = "sample"       # confident-first: "sample", "certainty", "reserve", "level"
   c.sampler.stop_filter = "joint"   # "joint": none is a choice under top-k/p; "separate"
   c.sampler.none_bias = 0.0         # added to none's logit (< 0: longer texts)
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),

@@ -41,6 +41,16 @@ class NoiseConfig:
       canvases per row, attention kept inside each); 0 = one canvas per row.
     causal_pack_rows: the causal baseline's packing: its B sequences
       ``[BOS] x`` go into this many rows of width L + 1; 0 = one per row.
+    state_weight: how much each training state counts in the loss. "uniform": every
+      gap the same. "height": an example's states by its number of levels H + 1, the
+      inverse of the chance of drawing one of them, so the loss is the gradient of the
+      NLL bound itself (uniform levels favour short, low sentences: each of their
+      levels is drawn more often). "importance": also a level frontier (level h plus k
+      of the m depth-h tokens) by the inverse of its chance given h, (m + 1)·C(m, k),
+      at most ``frontier_weight_cap``, so that the frontier conditionals do not favour
+      sentences with few unfilled gaps. Measured (benchmarks/README.md): neither
+      lengthens confident-first samples, and both lower their quality at equal steps.
+    frontier_weight_cap: largest frontier factor of "importance" (bounds the variance).
     slot_order: the slot model's non-random training order, which its bound reads:
       "level" (a level's gaps decide together, as the parallel sampler does) or
       "sequential" (one at a time, left to right; see `slot_schedule`).
@@ -53,6 +63,8 @@ class NoiseConfig:
   pack_rows: int = 0
   causal_pack_rows: int = 0
   slot_order: str = "level"
+  state_weight: str = "uniform"
+  frontier_weight_cap: float = 100.0
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -61,6 +73,9 @@ class NoiseConfig:
     if cfg.frontier_kind not in FRONTIER_KINDS:
       raise ValueError(f"Unknown noise.frontier_kind {cfg.frontier_kind!r}; choose one of "
                        f"{', '.join(FRONTIER_KINDS)}.")
+    if cfg.state_weight not in STATE_WEIGHTS:
+      raise ValueError(f"Unknown noise.state_weight {cfg.state_weight!r}; choose one of "
+                       f"{', '.join(STATE_WEIGHTS)}.")
     if cfg.slot_order not in SLOT_ORDERS:
       raise ValueError(f"Unknown noise.slot_order {cfg.slot_order!r}; choose one of "
                        f"{', '.join(SLOT_ORDERS)}.")
@@ -69,6 +84,7 @@ class NoiseConfig:
 
 FRONTIER_KINDS = ("level", "tree", "both")
 SLOT_ORDERS = ("level", "sequential")
+STATE_WEIGHTS = ("uniform", "height", "importance")
 
 
 def canvas_inputs(canvas: jax.Array, length: jax.Array):
@@ -192,7 +208,8 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
   Returns:
     (noised: noising.Noised, height int32 [B], exact bool [B] (exact level,
     not a frontier state), path_entropy float32 [B] (the random scorer's
-    tree-entropy term, else 0)).
+    tree-entropy term, else 0), weight float32 [B] (the state's loss weight,
+    see ``NoiseConfig.state_weight``)).
   """
   k_score, k_level, k_front, k_frac, k_tree = jax.random.split(rng, 5)
   scores = scorers.significance(tokens, mask, k_score, stats, scorer_cfg)
@@ -209,8 +226,35 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     share = 1.0 if noise_cfg.frontier_kind == "tree" else 0.5
     tree = ~exact & (draw < noise_cfg.frontier_prob * share)
     keep = jnp.where(tree[:, None], noising.tree_frontier_keep(ancestor, mask, k_tree), keep)
+  else:
+    tree = jnp.zeros_like(exact)
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
-  return noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
+  weight = state_weights(depth, level, keep, height, ~exact & ~tree, noise_cfg)
+  return (noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg),
+          weight)
+
+
+def state_weights(depth, level, keep, height, level_frontier, noise_cfg: NoiseConfig):
+  """Each training state's loss weight, float32 [B] (``NoiseConfig.state_weight``).
+
+  Args:
+    depth: int [B, L] (>= L on padding); level: int [B]; keep: bool [B, L] the state;
+    height: int [B]; level_frontier: bool [B], the states drawn by `noising.frontier_keep`
+      with a uniform fraction (level h plus k of its m depth-h tokens, chance
+      k! (m - k)! / (m + 1)! given h).
+  """
+  if noise_cfg.state_weight == "uniform":
+    return jnp.ones(height.shape, jnp.float32)
+  weight = (height + 1).astype(jnp.float32)
+  if noise_cfg.state_weight == "importance":
+    at_level = depth == level[:, None]
+    m = jnp.sum(at_level, axis=1).astype(jnp.float32)
+    k = jnp.sum(at_level & keep, axis=1).astype(jnp.float32)
+    log_factor = (jnp.log1p(m) + jax.scipy.special.gammaln(m + 1)
+                  - jax.scipy.special.gammaln(k + 1) - jax.scipy.special.gammaln(m - k + 1))
+    factor = jnp.minimum(jnp.exp(log_factor), noise_cfg.frontier_weight_cap)
+    weight = weight * jnp.where(level_frontier, factor, 1.0)
+  return weight
 
 
 def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
@@ -230,7 +274,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   k = noise_cfg.states_per_example
   if k > 1:  # several states of the same examples, drawn independently
     tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
-  noised, height, exact, path_entropy = draw_states(
+  noised, height, exact, path_entropy, weight = draw_states(
       tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id)
   inputs = canvas_inputs(noised.canvas, noised.length)
   targets = noised.gap_targets
@@ -246,12 +290,17 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   valid = targets >= 0
   nll = gap_nll(logits, targets)
   num_gaps = jnp.sum(valid)
-  loss = jnp.sum(nll) / jnp.maximum(num_gaps, 1)
+  # Each gap counts with its state's weight (1 unless noise.state_weight says otherwise);
+  # the total weight does not depend on the parameters (the accumulation normaliser).
+  gap_weight = jnp.where(valid, weight[jnp.maximum(source, 0)], 0.0)
+  weight_sum = jnp.sum(gap_weight)
+  per_gap = nll
   embed = jnp.float32(0.0)
   if noise_cfg.embed_loss_weight:
-    embed = jnp.sum(embedding_distance(logits, targets, model.output_table())) / jnp.maximum(
-        num_gaps, 1)
-    loss = loss + noise_cfg.embed_loss_weight * embed
+    distance = embedding_distance(logits, targets, model.output_table())
+    embed = jnp.sum(distance) / jnp.maximum(num_gaps, 1)
+    per_gap = per_gap + noise_cfg.embed_loss_weight * distance
+  loss = jnp.sum(gap_weight * per_gap) / jnp.maximum(weight_sum, 1e-9)
   correct = (jnp.argmax(logits, axis=-1) == targets) & valid
   # Per-state sums (dropped states have none), for the NLL-bound estimate.
   state_nll = jax.ops.segment_sum(nll.ravel(), jnp.where(valid, source, num).ravel(),
@@ -266,6 +315,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
       "loss": loss,
       "gap_nll_sum": jnp.sum(nll),
       "gap_count": num_gaps.astype(jnp.float32),
+      "loss_weight": weight_sum,
       "gap_correct": jnp.sum(correct).astype(jnp.float32),
       "embed_distance": embed,
       "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),

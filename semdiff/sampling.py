@@ -43,7 +43,9 @@ from semdiff import scorers
 from semdiff.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
-SELECT_MODES = ("sample", "certainty", "reserve")
+SELECT_MODES = ("sample", "certainty", "reserve", "level")
+# The modes in which a gap decides once whether it is empty, then waits for its token.
+RESERVING = ("reserve", "level")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,13 @@ class SamplerConfig:
       inserts. The length then follows the all-gaps sampler, while each token
       is chosen as late as confident-first wants; the run stops when no gap
       is open.
+      "level": as "reserve", except that new gaps decide whether they are
+      empty only when every reserved gap has its token, i.e. all at once on a
+      complete level (the canvas of the parallel process, an exact training
+      level); in between, the reserved gaps fill in confident-first. Frontier
+      states (a level plus some of the next) then only ever choose tokens,
+      never whether a gap is empty (measured in benchmarks/README.md: longer
+      samples than "sample", fewer grammatical).
     max_steps: cap on insertion steps.
     max_len: canvas capacity C (tokens).
     epsilon: semantic stop: an example stops after a step that moved its
@@ -326,7 +335,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig):
   if cfg.none_bias:
     logits = logits.at[..., none_id].add(cfg.none_bias)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  if cfg.select == "reserve":
+  if cfg.select in RESERVING:
     # The token of every gap with none excluded (its probability given that the gap is not
     # empty); whether the gap is empty is drawn from the model's own p(none).
     token_logits = logits.at[..., none_id].set(-jnp.inf)
@@ -344,7 +353,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig):
   if cfg.gaps == "last":
     allowed &= gap == length[:, None]
   do_insert = allowed & (choice != none_id)
-  if cfg.select == "reserve":
+  if cfg.select in RESERVING:
     do_insert &= ~empty  # choice is a token everywhere: a reserved gap ignores the draw
   if cfg.tau > 0:
     do_insert &= chosen_logp >= jnp.log(cfg.tau)
@@ -532,14 +541,17 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     open_gaps = s["open"]
     reserved = s["reserved"]
     wanted_any = jnp.zeros((batch_size,), bool)
-    if cfg.select == "reserve":
+    if cfg.select in RESERVING:
       live = active[:, None] & open_gaps & (gap <= s["length"][:, None])
       if cfg.gaps == "last":
         live &= gap == s["length"][:, None]
       tau_ok = (chosen_logp >= jnp.log(cfg.tau)) if cfg.tau > 0 else jnp.ones_like(live)
       # A new gap decides once whether it is empty; a reserved one only waits for its token.
-      reserved = reserved | (live & ~reserved & do_insert)
-      closing = live & ~reserved
+      deciding = live & ~reserved
+      if cfg.select == "level":  # new gaps wait until the level is complete
+        deciding &= ~jnp.any(live & reserved, axis=1, keepdims=True)
+      reserved = reserved | (deciding & do_insert)
+      closing = deciding & ~do_insert
       wanted = live & reserved & tau_ok
       open_gaps = open_gaps & ~closing & ~(live & reserved & ~tau_ok)
       reserved = reserved & open_gaps
@@ -579,7 +591,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     new_open = update_open_gaps(open_gaps, do_insert)
     # A gap that inserted becomes two new, undecided gaps; the others keep their state.
     new_reserved = move_gap_state(reserved & ~do_insert, do_insert)
-    if cfg.select in ("certainty", "reserve"):
+    if cfg.select in ("certainty",) + RESERVING:
       finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
       # Reserved gaps whose insertions delta (or the canvas) refused would wait forever.
       finished |= wanted_any & ~inserted_any
@@ -655,8 +667,8 @@ def check_tree_sampler(cfg: SamplerConfig) -> None:
 def check_slot_sampler(cfg: SamplerConfig) -> None:
   """Raises a one-line error for a sampler setting the slot model cannot honour."""
   _check_fixed(cfg, SLOT_FIXED, "slot", "starts from the empty canvas")
-  if cfg.select == "reserve":
-    raise ValueError("sampler.select='reserve' is not available with model_kind=slot (its "
+  if cfg.select in RESERVING:
+    raise ValueError(f"sampler.select={cfg.select!r} is not available with model_kind=slot (its "
                      "gaps are chosen by certainty): set --config.sampler.select='certainty'.")
 
 

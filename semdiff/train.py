@@ -102,7 +102,7 @@ LOSSES = {"insertion": losses.insertion_loss, "tree": losses.tree_loss, "slot": 
 # Each loss is a sum over the batch divided by a count that does not depend on the
 # parameters; this names the metric holding that count (the masked loss also divides by the
 # constant L + 1, the same for every micro-batch).
-LOSS_NORMALISERS = {"insertion": "gap_count", "tree": "gap_count", "slot": "gap_count",
+LOSS_NORMALISERS = {"insertion": "loss_weight", "tree": "gap_count", "slot": "gap_count",
                     "causal": "gap_count",
                     "masked": "nll_bound_sentences"}
 

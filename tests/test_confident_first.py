@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from semdiff import model as model_lib
@@ -119,8 +120,9 @@ def _constant_lengths(cfg, batch=512):
   return out
 
 
-def test_reserve_selection_keeps_the_length_of_the_parallel_process():
-  base = sampling.SamplerConfig(temperature=1.0, max_len=64, max_steps=64, select="reserve")
+@pytest.mark.parametrize("select", ["reserve", "level"])
+def test_reserve_selection_keeps_the_length_of_the_parallel_process(select):
+  base = sampling.SamplerConfig(temperature=1.0, max_len=64, max_steps=64, select=select)
   expected = 0.3 / (1.0 - 2 * 0.3)
   for cfg in (base, dataclasses.replace(base, insert_per_step=1),
               dataclasses.replace(base, confidence=1.0)):
@@ -132,10 +134,11 @@ def test_reserve_selection_keeps_the_length_of_the_parallel_process():
   assert abs(float(np.mean(np.asarray(asked.length))) - expected) > 1.0
 
 
-def test_reserve_one_gap_per_step_inserts_until_no_gap_is_open():
+@pytest.mark.parametrize("select", ["reserve", "level"])
+def test_reserve_one_gap_per_step_inserts_until_no_gap_is_open(select):
   # Each step inserts exactly one reserved token, until the last step closes the open gaps.
   cfg = sampling.SamplerConfig(temperature=1.0, max_len=40, max_steps=90, insert_per_step=1,
-                               select="reserve")
+                               select=select)
   out = jax.jit(lambda key: sampling.sample(NoneLeaning(), key, cfg, batch_size=6))(
       jax.random.key(0))
   length, calls = np.asarray(out.length), np.asarray(out.calls)
@@ -146,12 +149,43 @@ def test_reserve_one_gap_per_step_inserts_until_no_gap_is_open():
   np.testing.assert_array_equal(calls[finished], length[finished] + 1)
 
 
-def test_reserve_samples_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("select", ["reserve", "level"])
+def test_reserve_samples_do_not_depend_on_the_batch(select):
   cfg = sampling.SamplerConfig(temperature=1.0, max_len=24, max_steps=20, confidence=0.5,
-                               select="reserve")
+                               select=select)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
   model = NoneLeaning()
   batched = sampling.sample(model, keys, cfg, batch_size=4)
   for i in range(4):
     one = sampling.sample(model, keys[i:i + 1], cfg, batch_size=1)
     np.testing.assert_array_equal(np.asarray(one.tokens[0]), np.asarray(batched.tokens[i]))
+
+
+class LengthGated:
+  """Every gap inserts while the canvas holds fewer than 3 tokens, none from then on."""
+
+  none_id = V
+
+  def __call__(self, tokens, segment_ids, positions):
+    del positions
+    n = jnp.sum(segment_ids > 0, axis=1) - 2  # the canvas is [BOS] x [EOS] padding
+    logits = jnp.zeros((tokens.shape[0], tokens.shape[1] - 1, V + 1), jnp.float32)
+    logits += 0.0 * tokens[:, :1, None].astype(jnp.float32)
+    return logits.at[..., V].set(jnp.where(n < 3, -1e4, 1e4)[:, None])
+
+
+def test_level_selection_decides_only_on_complete_levels():
+  # The parallel process: 1 token, then both of its gaps (3 tokens), then none. One token
+  # per step, "level" lets new gaps decide only on a complete level and keeps that length;
+  # "reserve" lets the two gaps of the second token decide on a 2-token canvas (5 tokens).
+  def length(**kw):
+    cfg = sampling.SamplerConfig(temperature=1.0, max_len=16, max_steps=20, **kw)
+    out = jax.jit(lambda key: sampling.sample(LengthGated(), key, cfg, batch_size=2))(
+        jax.random.key(0))
+    return np.asarray(out.length).tolist()
+
+  assert length() == [3, 3]
+  assert length(select="level", insert_per_step=1) == [3, 3]
+  assert length(select="reserve", insert_per_step=1) == [5, 5]
+  # Filling every reserved gap each step, no gap ever waits: "level" is "reserve".
+  assert length(select="level") == length(select="reserve") == [3, 3]

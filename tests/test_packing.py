@@ -78,3 +78,44 @@ def test_packed_and_unpacked_causal_losses_agree():
     assert float(m_a[key]) == float(m_b[key]), key
   np.testing.assert_allclose(float(m_a["nll_bound_sum"]), float(m_b["nll_bound_sum"]), rtol=1e-5)
   assert float(m_b["computed_positions"]) < float(m_a["computed_positions"])
+
+
+def test_state_weights():
+  # One example of height 2, depths 0 1 1 2 2 2 (then padding), a level-2 frontier: the
+  # tokens of depth <= 1 plus k = 1 of the m = 3 depth-2 tokens, drawn with chance
+  # k! (m - k)! / (m + 1)! given the level.
+  depth = jnp.asarray([[0, 1, 1, 2, 2, 2, 99]], jnp.int32)
+  keep = jnp.asarray([[1, 1, 1, 1, 0, 0, 0]], bool)  # k = 1
+  height, level = jnp.asarray([2]), jnp.asarray([2])
+  frontier = jnp.asarray([True])
+
+  def weight(kind, cap=100.0, is_frontier=frontier):
+    cfg = losses.NoiseConfig(state_weight=kind, frontier_weight_cap=cap)
+    return float(losses.state_weights(depth, level, keep, height, is_frontier, cfg)[0])
+
+  assert weight("uniform") == 1.0
+  assert weight("height") == 3.0
+  np.testing.assert_allclose(weight("importance"), 3.0 * 4 * 3, rtol=1e-5)  # (m+1) C(m,k)
+  np.testing.assert_allclose(weight("importance", cap=5.0), 15.0, rtol=1e-5)
+  assert weight("importance", is_frontier=jnp.asarray([False])) == 3.0
+
+
+def test_uniform_state_weight_is_the_plain_mean():
+  tokens, mask = _batch(seed=1)
+  model = model_lib.build("insertion", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64))
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
+  cfg = scorers.ScorerConfig("unigram")
+  rng = jax.random.key(5)
+  for kind in ("uniform", "height", "importance"):
+    noise = losses.NoiseConfig(frontier_prob=0.5, frontier_kind="level", state_weight=kind,
+                               embed_loss_weight=0.1)
+    loss, m = losses.insertion_loss(model, tokens, mask, rng, stats, cfg, noise)
+    assert np.isfinite(float(loss))
+    if kind == "uniform":
+      assert float(m["loss_weight"]) == float(m["gap_count"])
+      np.testing.assert_allclose(
+          float(loss), float(m["gap_nll_sum"] / m["gap_count"] + 0.1 * m["embed_distance"]),
+          rtol=1e-5)
+    else:
+      assert float(m["loss_weight"]) > float(m["gap_count"])

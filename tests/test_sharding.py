@@ -142,7 +142,9 @@ def draws_from_content(tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id)
 
   keep, exact = jax.vmap(one)(scorers.content_keys(tokens, mask, 1), depth, height)
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
-  return noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
+  weight = losses.state_weights(depth, jnp.zeros_like(height), keep, height, ~exact, noise_cfg)
+  return (noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg),
+          weight)
 
 
 @pytest.mark.parametrize("kind", [pytest.param("causal", marks=pytest.mark.slow), "insertion"])
