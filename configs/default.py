@@ -93,6 +93,10 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # gradient) or "importance" (also undoes the level-frontier draw's bias; capped).
   c.noise.state_weight = "uniform"
   c.noise.frontier_weight_cap = 100.0
+  # Share of states that also keep 1..keyword_max random tokens of any depth: teaches the
+  # keyword-conditioned sampler "x contains these words" (not "these are x's top level").
+  c.noise.keyword_prob = 0.0
+  c.noise.keyword_max = 3
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time

@@ -51,6 +51,13 @@ class NoiseConfig:
       sentences with few unfilled gaps. Measured (benchmarks/README.md): neither
       lengthens confident-first samples, and both lower their quality at equal steps.
     frontier_weight_cap: largest frontier factor of "importance" (bounds the variance).
+    keyword_prob: chance that a state also keeps 1 to ``keyword_max`` random tokens of
+      the sentence, of any depth (not closed under parent): the canvases a keyword-
+      conditioned sampler starts from. Without them a keyword canvas reads as the
+      sentence's top level, i.e. "the keyword is x's most significant token" rather
+      than "x contains the keyword" (benchmarks/README.md). Each gap's target stays the
+      least-deep token in it.
+    keyword_max: most keywords such a state keeps.
     slot_order: the slot model's non-random training order, which its bound reads:
       "level" (a level's gaps decide together, as the parallel sampler does) or
       "sequential" (one at a time, left to right; see `slot_schedule`).
@@ -65,6 +72,8 @@ class NoiseConfig:
   slot_order: str = "level"
   state_weight: str = "uniform"
   frontier_weight_cap: float = 100.0
+  keyword_prob: float = 0.0
+  keyword_max: int = 3
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -228,10 +237,31 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     keep = jnp.where(tree[:, None], noising.tree_frontier_keep(ancestor, mask, k_tree), keep)
   else:
     tree = jnp.zeros_like(exact)
+  level_frontier = ~exact & ~tree
+  if noise_cfg.keyword_prob > 0:  # (its own key: the other draws stay those of prob 0)
+    chosen = keyword_keep(mask, jax.random.fold_in(rng, 7), noise_cfg)
+    keep = keep | chosen
+    with_keywords = jnp.any(chosen, axis=1)
+    exact &= ~with_keywords  # not an exact level: left out of the bound estimate
+    level_frontier &= ~with_keywords
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
-  weight = state_weights(depth, level, keep, height, ~exact & ~tree, noise_cfg)
+  weight = state_weights(depth, level, keep, height, level_frontier, noise_cfg)
   return (noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg),
           weight)
+
+
+def keyword_keep(mask, rng, noise_cfg: NoiseConfig):
+  """Random keywords: bool [B, L], for a ``keyword_prob`` share of the rows 1 to
+  ``keyword_max`` (uniform, at most the length) distinct real tokens, else none."""
+  k_on, k_num, k_pick = jax.random.split(rng, 3)
+  batch = mask.shape[0]
+  on = jax.random.uniform(k_on, (batch,)) < noise_cfg.keyword_prob
+  n = jnp.sum(mask, axis=1)
+  count = jnp.minimum(jax.random.randint(k_num, (batch,), 1, noise_cfg.keyword_max + 1), n)
+  # The `count` real tokens with the smallest uniform keys: a uniform subset of that size.
+  keys = jnp.where(mask, jax.random.uniform(k_pick, mask.shape), 2.0)
+  rank = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)
+  return mask & (rank < count[:, None]) & on[:, None]
 
 
 def state_weights(depth, level, keep, height, level_frontier, noise_cfg: NoiseConfig):

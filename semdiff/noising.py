@@ -110,8 +110,10 @@ def noise_to_keep(
   Args:
     tokens: int [B, L] token ids (padding arbitrary).
     depth: int [B, L] from `insertion_depth` (>= L on padding).
-    keep: bool [B, L], the kept tokens; must be closed under "parent" and False
-      on padding, else the targets are not the tree's.
+    keep: bool [B, L], the kept tokens, False on padding. Closed under "parent"
+      for a frontier state; any other set (kept keywords) works too: each gap's
+      least-deep token is unique, since two tokens of one depth always have a
+      shallower one between them.
     pad_id: id written after the kept tokens in the canvas.
     none_id: id of "nothing to insert here".
 

@@ -213,3 +213,50 @@ def test_tree_frontier_states_are_parent_closed_with_reference_targets():
   for b, n in enumerate(lengths):
     ref_canvas, ref_targets = reference_noise(tokens[b, :n], d[b, :n], keep[b, :n])
     assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
+
+
+def test_keyword_states_targets_match_reference():
+  # Keyword states keep random tokens of any depth (not parent-closed); each gap's target
+  # is still its least-deep token, and it is unique (two tokens of one depth always have a
+  # shallower one between them).
+  from semdiff import losses
+  rng = np.random.default_rng(4)
+  tokens, mask, lengths, raw = random_batch(rng, 48, 24, False)
+  depth = np.asarray(noising.insertion_depth(raw, mask))
+  height = np.asarray(noising.tree_height(depth, mask))
+  level = rng.integers(0, height + 1).astype(np.int32)
+  keep = np.asarray(noising.frontier_keep(depth, level, 0.3, jax.random.key(2)))
+  words = np.asarray(losses.keyword_keep(jnp.asarray(mask), jax.random.key(3),
+                                         losses.NoiseConfig(keyword_prob=1.0, keyword_max=3)))
+  assert np.all((words.sum(1) >= 1) == (lengths >= 1))
+  assert np.all(words.sum(1) <= 3) and not np.any(words & ~mask)
+  keep = keep | words
+  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
+  for b, n in enumerate(lengths):
+    ref_canvas, ref_targets = reference_noise(tokens[b, :n], depth[b, :n], keep[b, :n])
+    assert np.asarray(out.canvas)[b, :len(ref_canvas)].tolist() == list(ref_canvas)
+    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
+    gap = np.cumsum(keep[b, :n]) - keep[b, :n]
+    for g in range(len(ref_canvas) + 1):
+      d = depth[b, :n][(gap == g) & ~keep[b, :n]]
+      assert len(d) == 0 or np.sum(d == d.min()) == 1
+
+
+def test_keyword_states_leave_the_other_draws_unchanged():
+  from semdiff import losses
+  rng = np.random.default_rng(5)
+  tokens, mask, _, _ = random_batch(rng, 32, 16, False)
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, 50))
+  cfg = scorers.ScorerConfig("unigram")
+  base = losses.NoiseConfig(frontier_prob=0.5)
+  key = jax.random.key(6)
+  draw = lambda noise: losses.draw_states(jnp.asarray(tokens), jnp.asarray(mask), key, stats,
+                                          cfg, noise, NONE)
+  plain, _, exact_a, _, _ = draw(base)
+  with_kw, _, exact_b, _, _ = draw(losses.NoiseConfig(frontier_prob=0.5, keyword_prob=0.5))
+  changed = np.any(np.asarray(plain.canvas) != np.asarray(with_kw.canvas), axis=1) | (
+      np.asarray(plain.length) != np.asarray(with_kw.length))
+  assert changed.any() and not changed.all()
+  np.testing.assert_array_equal(np.asarray(plain.gap_targets)[~changed],
+                                np.asarray(with_kw.gap_targets)[~changed])
+  assert not np.any(np.asarray(exact_b) & ~np.asarray(exact_a))
