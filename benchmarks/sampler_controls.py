@@ -39,12 +39,6 @@ _OUT = flags.DEFINE_string("out", "", "Also write the Markdown table to this fil
 flags.mark_flag_as_required("workdir")
 
 
-def distinct_n(texts, n: int = 2) -> float:
-  """Distinct word n-grams over all n-grams of ``texts`` (0 when there are none)."""
-  grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts)
-           for i in range(len(words) - n + 1)]
-  return len(set(grams)) / len(grams) if grams else 0.0
-
 
 def settings() -> list[tuple[str, dict]]:
   rows = [("workdir's sampler", {})]
@@ -80,8 +74,9 @@ def main(argv):
                               seed=_SEED.value, **overrides)
     gram = (f"{evaluation.grammar_report(out.texts, grammar)['grammatical']:.1%}"
             if grammar else "n/a")
+    distinct = evaluation.distinct_n([t.split() for t in out.texts], 2)
     lines.append(f"| {label} | {np.mean(out.samples.length):.2f} | "
-                 f"{np.mean(out.samples.calls):.2f} | {gram} | {distinct_n(out.texts):.3f} |")
+                 f"{np.mean(out.samples.calls):.2f} | {gram} | {distinct:.3f} |")
     print(lines[-1], flush=True)
   lines += ["", f"Measured in {time.time() - t0:.0f} s."]
   report = "\n".join(lines) + "\n"
