@@ -29,7 +29,6 @@ _NUM = flags.DEFINE_integer("num", 128, "Samples per keyword set.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every set).")
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")

@@ -39,7 +39,6 @@ _OUT = flags.DEFINE_string("out", "", "Also write the Markdown table to this fil
 flags.mark_flag_as_required("workdir")
 
 
-
 def settings() -> list[tuple[str, dict]]:
   rows = [("workdir's sampler", {})]
   rows += [(f"tau = {v}", {"tau": float(v)}) for v in _TAU.value]

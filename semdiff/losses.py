@@ -85,6 +85,9 @@ class NoiseConfig:
     if cfg.state_weight not in STATE_WEIGHTS:
       raise ValueError(f"Unknown noise.state_weight {cfg.state_weight!r}; choose one of "
                        f"{', '.join(STATE_WEIGHTS)}.")
+    if not 0.0 <= cfg.keyword_prob <= 1.0 or cfg.keyword_max < 1:
+      raise ValueError(f"noise.keyword_prob={cfg.keyword_prob} must be in [0, 1] and "
+                       f"noise.keyword_max={cfg.keyword_max} at least 1.")
     if cfg.slot_order not in SLOT_ORDERS:
       raise ValueError(f"Unknown noise.slot_order {cfg.slot_order!r}; choose one of "
                        f"{', '.join(SLOT_ORDERS)}.")

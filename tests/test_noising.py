@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from semdiff import losses
 from semdiff import noising
 from semdiff import scorers
 
@@ -52,6 +53,27 @@ def random_batch(rng, batch, length, ties):
   else:
     raw = rng.normal(size=(batch, length)).astype(np.float32)
   return tokens, mask, lengths, raw
+
+
+def level_frontiers(seed, batch, length, fraction, key):
+  """A random batch with its depths and a level-frontier state per row."""
+  rng = np.random.default_rng(seed)
+  tokens, mask, lengths, raw = random_batch(rng, batch, length, False)
+  depth = np.asarray(noising.insertion_depth(raw, mask))
+  height = np.asarray(noising.tree_height(depth, mask))
+  level = rng.integers(0, height + 1).astype(np.int32)
+  keep = np.asarray(noising.frontier_keep(depth, level, fraction, key))
+  return tokens, mask, lengths, depth, keep
+
+
+def assert_noise_matches_reference(tokens, depth, keep, lengths):
+  """`noising.noise_to_keep` row by row against `reference_noise`."""
+  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
+  for b, n in enumerate(lengths):
+    ref_canvas, ref_targets = reference_noise(tokens[b, :n], depth[b, :n], keep[b, :n])
+    assert int(out.length[b]) == len(ref_canvas)
+    assert np.asarray(out.canvas)[b, :len(ref_canvas)].tolist() == list(ref_canvas)
+    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
 
 
 @pytest.mark.parametrize("length", [1, 2, 7, 16, 33])
@@ -133,18 +155,8 @@ def test_balanced_height_is_minimal():
 
 
 def test_frontier_state_targets_match_reference():
-  rng = np.random.default_rng(3)
-  tokens, mask, lengths, raw = random_batch(rng, 32, 24, False)
-  depth = np.asarray(noising.insertion_depth(raw, mask))
-  height = np.asarray(noising.tree_height(depth, mask))
-  level = rng.integers(0, height + 1).astype(np.int32)
-  keep = np.asarray(noising.frontier_keep(depth, level, 0.5, jax.random.key(1)))
-  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
-  for b, n in enumerate(lengths):
-    ref_canvas, ref_targets = reference_noise(tokens[b, :n], depth[b, :n], keep[b, :n])
-    assert int(out.length[b]) == len(ref_canvas)
-    assert np.asarray(out.canvas)[b, :len(ref_canvas)].tolist() == list(ref_canvas)
-    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
+  tokens, _, lengths, depth, keep = level_frontiers(3, 32, 24, 0.5, jax.random.key(1))
+  assert_noise_matches_reference(tokens, depth, keep, lengths)
 
 
 def test_drafts_grow_coarse_to_fine():
@@ -209,41 +221,28 @@ def test_tree_frontier_states_are_parent_closed_with_reference_targets():
   mixed = [((keep[b] & (d[b] > d[b][~keep[b] & np.asarray(mask)[b]].min(initial=99))).any())
            for b in range(64)]
   assert any(mixed)
-  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
-  for b, n in enumerate(lengths):
-    ref_canvas, ref_targets = reference_noise(tokens[b, :n], d[b, :n], keep[b, :n])
-    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
+  assert_noise_matches_reference(tokens, d, keep, lengths)
 
 
 def test_keyword_states_targets_match_reference():
   # Keyword states keep random tokens of any depth (not parent-closed); each gap's target
   # is still its least-deep token, and it is unique (two tokens of one depth always have a
   # shallower one between them).
-  from semdiff import losses
-  rng = np.random.default_rng(4)
-  tokens, mask, lengths, raw = random_batch(rng, 48, 24, False)
-  depth = np.asarray(noising.insertion_depth(raw, mask))
-  height = np.asarray(noising.tree_height(depth, mask))
-  level = rng.integers(0, height + 1).astype(np.int32)
-  keep = np.asarray(noising.frontier_keep(depth, level, 0.3, jax.random.key(2)))
+  tokens, mask, lengths, depth, keep = level_frontiers(4, 48, 24, 0.3, jax.random.key(2))
   words = np.asarray(losses.keyword_keep(jnp.asarray(mask), jax.random.key(3),
                                          losses.NoiseConfig(keyword_prob=1.0, keyword_max=3)))
   assert np.all((words.sum(1) >= 1) == (lengths >= 1))
   assert np.all(words.sum(1) <= 3) and not np.any(words & ~mask)
   keep = keep | words
-  out = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD, none_id=NONE)
+  assert_noise_matches_reference(tokens, depth, keep, lengths)
   for b, n in enumerate(lengths):
-    ref_canvas, ref_targets = reference_noise(tokens[b, :n], depth[b, :n], keep[b, :n])
-    assert np.asarray(out.canvas)[b, :len(ref_canvas)].tolist() == list(ref_canvas)
-    assert np.asarray(out.gap_targets)[b, :len(ref_canvas) + 1].tolist() == ref_targets
     gap = np.cumsum(keep[b, :n]) - keep[b, :n]
-    for g in range(len(ref_canvas) + 1):
+    for g in range(int(keep[b, :n].sum()) + 1):
       d = depth[b, :n][(gap == g) & ~keep[b, :n]]
       assert len(d) == 0 or np.sum(d == d.min()) == 1
 
 
 def test_keyword_states_leave_the_other_draws_unchanged():
-  from semdiff import losses
   rng = np.random.default_rng(5)
   tokens, mask, _, _ = random_batch(rng, 32, 16, False)
   stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, 50))
