@@ -92,11 +92,9 @@ def input_prep_fn(exp):
   none_id = exp.model_cfg.vocab_size  # `none` is the last output, after the vocabulary
 
   def prep(tokens, mask, rng):
-    k = noise_cfg.states_per_example
-    if k > 1:
-      tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
-    noised, height, _, _, _ = losses.draw_states(tokens, mask, rng, stats, scorer_cfg,
-                                                  noise_cfg, none_id)
+    noised, height, _, _, _ = losses.draw_states(
+        tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id,
+        repeats=noise_cfg.states_per_example)
     inputs = losses.canvas_inputs(noised.canvas, noised.length)
     if noise_cfg.pack_rows:
       return losses.pack(*inputs, noised.gap_targets, rows=noise_cfg.pack_rows), height

@@ -214,19 +214,32 @@ def embedding_distance(logits: jax.Array, targets: jax.Array, table: jax.Array) 
 
 
 def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
-                noise_cfg: NoiseConfig, none_id: int):
-  """Score, build trees and draw one training state per example.
+                noise_cfg: NoiseConfig, none_id: int, repeats: int = 1):
+  """Score, build trees and draw ``repeats`` independent training states per example.
+
+  Args:
+    tokens: int32 [B, L]; mask: bool [B, L]; rng: PRNG key.
+    repeats: states per example; the results are those of the batch tiled ``repeats``
+      times (row ``r * B + b`` is example b), but a scorer that draws nothing random
+      scores and builds each example's tree once.
 
   Returns:
-    (noised: noising.Noised, height int32 [B], exact bool [B] (exact level,
-    not a frontier state), path_entropy float32 [B] (the random scorer's
-    tree-entropy term, else 0), weight float32 [B] (the state's loss weight,
-    see ``NoiseConfig.state_weight``)).
+    (noised: noising.Noised, height int32 [N], exact bool [N] (exact level,
+    not a frontier state), path_entropy float32 [N] (the random scorer's
+    tree-entropy term, else 0), weight float32 [N] (the state's loss weight,
+    see ``NoiseConfig.state_weight``)), N = repeats * B.
   """
   k_score, k_level, k_front, k_frac, k_tree = jax.random.split(rng, 5)
+  tile = lambda x: jnp.tile(x, (repeats,) + (1,) * (x.ndim - 1)) if repeats > 1 else x
+  if scorer_cfg.uses_rng:  # every state gets its own random order
+    tokens, mask = tile(tokens), tile(mask)
   scores = scorers.significance(tokens, mask, k_score, stats, scorer_cfg)
   ancestor = noising.ancestors(scores, mask)  # built once: depths and tree frontiers
   depth = noising.depth_from_ancestors(ancestor, mask)
+  path_entropy = scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg)
+  if not scorer_cfg.uses_rng:
+    tokens, mask, ancestor, depth, path_entropy = map(
+        tile, (tokens, mask, ancestor, depth, path_entropy))
   height = noising.tree_height(depth, mask)
   level = jax.random.randint(k_level, height.shape, 0, height + 1)
   draw = jax.random.uniform(k_front, height.shape)
@@ -249,8 +262,7 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     level_frontier &= ~with_keywords
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
   weight = state_weights(depth, level, keep, height, level_frontier, noise_cfg)
-  return (noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg),
-          weight)
+  return noised, height, exact, path_entropy, weight
 
 
 def keyword_keep(mask, rng, noise_cfg: NoiseConfig):
@@ -305,10 +317,11 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   """
   none_id = model.none_id
   k = noise_cfg.states_per_example
-  if k > 1:  # several states of the same examples, drawn independently
-    tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
+  # Several states of the same examples, drawn independently.
   noised, height, exact, path_entropy, weight = draw_states(
-      tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id)
+      tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id, repeats=k)
+  if k > 1:
+    tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
   inputs = canvas_inputs(noised.canvas, noised.length)
   targets = noised.gap_targets
   num = tokens.shape[0]

@@ -342,6 +342,11 @@ class ScorerConfig:
   embedding_window: int = 4
 
   @property
+  def uses_rng(self) -> bool:
+    """Whether scores are drawn at random (else a function of the tokens alone)."""
+    return "random" in (self.name, self.mix_base if self.name == "mix" else None)
+
+  @property
   def table_source(self) -> Optional[str]:
     """Which table ``stats.embedding`` must hold: "fixed", "model", or None (no table)."""
     name = self.mix_base if self.name == "mix" else self.name

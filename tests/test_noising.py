@@ -259,3 +259,22 @@ def test_keyword_states_leave_the_other_draws_unchanged():
   np.testing.assert_array_equal(np.asarray(plain.gap_targets)[~changed],
                                 np.asarray(with_kw.gap_targets)[~changed])
   assert not np.any(np.asarray(exact_b) & ~np.asarray(exact_a))
+
+
+@pytest.mark.parametrize("name", ["unigram", "random"])
+def test_repeated_states_equal_those_of_the_tiled_batch(name):
+  """``repeats=k`` draws what the batch tiled k times draws (deterministic scorers score
+  each example once; the random scorer still draws an order per state)."""
+  rng = np.random.default_rng(8)
+  tokens, mask, _, _ = random_batch(rng, 16, 12, False)
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, 50))
+  cfg = scorers.ScorerConfig(name)
+  noise = losses.NoiseConfig(frontier_prob=0.5, keyword_prob=0.2)
+  key = jax.random.key(9)
+  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+  got = losses.draw_states(tokens, mask, key, stats, cfg, noise, NONE, repeats=3)
+  want = losses.draw_states(jnp.tile(tokens, (3, 1)), jnp.tile(mask, (3, 1)), key, stats, cfg,
+                            noise, NONE)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+  copies = np.asarray(got[0].canvas).reshape(3, 16, -1)
+  assert np.any(copies[0] != copies[1])  # the copies are independent draws

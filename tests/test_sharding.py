@@ -120,7 +120,7 @@ def test_batch_that_does_not_split_into_micro_batches(tokenizer, tmp_path):
     train.build_experiment(config, str(tmp_path), tokenizer=tokenizer)
 
 
-def draws_from_content(tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id):
+def draws_from_content(tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id, repeats=1):
   """`losses.draw_states` with each example's level and frontier drawn from its tokens.
 
   The real draws come from one key for the whole batch, so the states of an example
@@ -129,6 +129,7 @@ def draws_from_content(tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id)
   makes the accumulated update comparable with the full-batch one exactly.
   """
   del rng
+  tokens, mask = jnp.tile(tokens, (repeats, 1)), jnp.tile(mask, (repeats, 1))
   scores = scorers.significance(tokens, mask, None, stats, scorer_cfg)  # unigram: no rng
   depth = noising.insertion_depth(scores, mask)
   height = noising.tree_height(depth, mask)
