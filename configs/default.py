@@ -97,6 +97,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # keyword-conditioned sampler "x contains these words" (not "these are x's top level").
   c.noise.keyword_prob = 0.0
   c.noise.keyword_max = 3
+  # Share of states that also show which empty gaps are closed (model.gap_state models):
+  # what a sampler whose none closes its gap (sampler.select="certainty") feeds back.
+  c.noise.closed_prob = 0.0
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -107,6 +110,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
+  c.model.gap_state = False         # insertion model: also reads the gaps known to be empty
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3

@@ -137,8 +137,7 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
          "params": int(sum(x.size for x in jax.tree.leaves(params)))}
 
   batches = pipeline.eval_batches(config, exp.tokenizer, split)
-  evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats,
-                                      exp.scorer_cfg, exp.noise_cfg.slot_order)
+  evaluator = train.make_evaluator(exp)
   if bound:
     out.update(evaluator(params, batches))
   data_lengths = np.concatenate([b["mask"].sum(axis=1)[b["mask"].any(axis=1)] for b in batches])

@@ -44,6 +44,7 @@ class NllEvaluator:
   stats: scorers.ScoringStats
   scorer_cfg: scorers.ScorerConfig
   slot_order: str = "level"
+  closures: bool = False  # also the bound with closed gaps (``model.gap_state`` models)
 
   def __post_init__(self):
     def trees(tokens, mask):
@@ -52,8 +53,9 @@ class NllEvaluator:
       entropy = scorers.path_entropy(tokens, mask, depth, self.stats, self.scorer_cfg)
       return depth, noising.tree_height(depth, mask), entropy
 
-    def level(params, tokens, mask, depth, lvl):
-      return losses.level_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl)
+    def level(params, tokens, mask, depth, lvl, closures=False):
+      return losses.level_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl,
+                              closures=closures)
 
     def sweep(params, tokens, mask, depth, lvl, done):
       return losses.level_sweep_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl,
@@ -107,14 +109,18 @@ class NllEvaluator:
 
     self._trees = jax.jit(trees)
     self._masked = jax.jit(masked)
-    self._level = jax.jit(level)
+    self._level = jax.jit(level, static_argnames="closures")
     self._sweep = jax.jit(sweep)
     self._causal = jax.jit(causal)
     self._tree = jax.jit(tree)
     self._slot = jax.jit(slot)
 
-  def per_sentence(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL in nats float64 [b], model calls per sentence [b]) for the real rows."""
+  def per_sentence(self, params, batch: dict,
+                   closures: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL in nats float64 [b], model calls per sentence [b]) for the real rows.
+
+    ``closures``: the insertion model's bound with its closed gaps (see `losses.level_nll`).
+    """
     tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
     real = np.asarray(batch["mask"]).any(axis=1)
     if self.model_kind == "causal":
@@ -131,7 +137,8 @@ class NllEvaluator:
     total = np.zeros(tokens.shape[0], np.float64)
     for h in range(int(jnp.max(height)) + 1):
       lvl = jnp.full((tokens.shape[0],), h, jnp.int32)
-      total += np.asarray(self._level(params, tokens, mask, depth, lvl), np.float64)
+      total += np.asarray(self._level(params, tokens, mask, depth, lvl, closures=closures),
+                          np.float64)
     total -= np.asarray(entropy, np.float64)
     return total[real], (np.asarray(height) + 1)[real]
 
@@ -158,7 +165,8 @@ class NllEvaluator:
 
   def __call__(self, params, batches: Sequence[dict], sweep: bool = False) -> dict:
     """The NLL bound over ``batches``; with ``sweep``, also the level-sweep bound."""
-    nll, calls, tokens, swept = [], [], [], []
+    nll, calls, tokens, swept, closed = [], [], [], [], []
+    closures = self.closures and self.model_kind == "insertion"
     for batch in batches:
       n, c = self.per_sentence(params, batch)
       nll.append(n)
@@ -166,12 +174,15 @@ class NllEvaluator:
       tokens.append(np.asarray(batch["mask"]).sum(axis=1)[np.asarray(batch["mask"]).any(1)])
       if sweep and self.model_kind == "insertion":
         swept.append(self.sweep_per_sentence(params, batch)[0])
+      if closures:
+        closed.append(self.per_sentence(params, batch, closures=True)[0])
     nll, calls, tokens = map(np.concatenate, (nll, calls, tokens))
     extra = {}
-    if swept:
-      swept = np.concatenate(swept)
-      extra = {"sweep_nll_per_sentence": float(swept.mean()),
-               "sweep_nll_per_token": float(swept.sum() / (tokens + 1).sum())}
+    for name, values in (("sweep", swept), ("closure", closed)):
+      if values:
+        values = np.concatenate(values)
+        extra[f"{name}_nll_per_sentence"] = float(values.mean())
+        extra[f"{name}_nll_per_token"] = float(values.sum() / (tokens + 1).sum())
     return {
         **extra,
         "nll_per_sentence": float(nll.mean()),

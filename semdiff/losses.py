@@ -58,6 +58,12 @@ class NoiseConfig:
       than "x contains the keyword" (benchmarks/README.md). Each gap's target stays the
       least-deep token in it.
     keyword_max: most keywords such a state keeps.
+    closed_prob: share of states that also tell the model which of their empty gaps are
+      closed (``model.gap_state``; `closed_gaps`): every gap that was empty one level
+      earlier, and each empty gap of the current level with a per-state chance (0 for
+      half of these states, else uniform). A sampler whose ``none`` closes a gap for good
+      (``sampler.select="certainty"``) feeds its closed gaps back the same way, so the
+      decisions still open are conditioned on the gaps already known to be empty.
     slot_order: the slot model's non-random training order, which its bound reads:
       "level" (a level's gaps decide together, as the parallel sampler does) or
       "sequential" (one at a time, left to right; see `slot_schedule`).
@@ -74,6 +80,7 @@ class NoiseConfig:
   frontier_weight_cap: float = 100.0
   keyword_prob: float = 0.0
   keyword_max: int = 3
+  closed_prob: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -88,6 +95,8 @@ class NoiseConfig:
     if not 0.0 <= cfg.keyword_prob <= 1.0 or cfg.keyword_max < 1:
       raise ValueError(f"noise.keyword_prob={cfg.keyword_prob} must be in [0, 1] and "
                        f"noise.keyword_max={cfg.keyword_max} at least 1.")
+    if not 0.0 <= cfg.closed_prob <= 1.0:
+      raise ValueError(f"noise.closed_prob={cfg.closed_prob} must be in [0, 1].")
     if cfg.slot_order not in SLOT_ORDERS:
       raise ValueError(f"Unknown noise.slot_order {cfg.slot_order!r}; choose one of "
                        f"{', '.join(SLOT_ORDERS)}.")
@@ -261,8 +270,37 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     exact &= ~with_keywords  # not an exact level: left out of the bound estimate
     level_frontier &= ~with_keywords
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
+  if noise_cfg.closed_prob > 0:  # (its own key: the other draws stay those of prob 0)
+    k_on, k_rate, k_gap = jax.random.split(jax.random.fold_in(rng, 11), 3)
+    on = jax.random.uniform(k_on, height.shape) < noise_cfg.closed_prob
+    if noise_cfg.keyword_prob > 0:
+      on &= ~with_keywords
+    rate = jnp.maximum(0.0, 2.0 * jax.random.uniform(k_rate, height.shape) - 1.0)
+    closed = closed_gaps(noised, depth, keep, level, tree, rate, k_gap, none_id) & on[:, None]
+    noised = noised._replace(closed=closed)
+    exact &= ~on  # the plain bound's estimate reads states without closed gaps
   weight = state_weights(depth, level, keep, height, level_frontier, noise_cfg)
   return noised, height, exact, path_entropy, weight
+
+
+def closed_gaps(noised, depth, keep, level, tree, rate, rng, none_id: int):
+  """Which empty gaps a training state says are closed: bool [B, L+1].
+
+  Level states (exact or level frontiers, level h): every empty gap opened before step h
+  (`noising.gap_boundary_depth` < h - 1: empty since an earlier level), and each empty gap
+  of the current level (value h - 1) with chance ``rate``; gaps opened by kept depth-h
+  tokens stay open. Tree frontiers (no single level): each empty gap with chance ``rate``.
+
+  Args:
+    noised: the states (`noising.noise_to_keep` of ``keep``); depth, keep: [B, L];
+    level: int [B]; tree: bool [B], tree frontiers; rate: float [B]; rng: PRNG key.
+  """
+  empty = noised.gap_targets == none_id
+  boundary = noising.gap_boundary_depth(depth, keep)
+  coin = jax.random.uniform(rng, empty.shape) < rate[:, None]
+  before = level[:, None] - 1
+  by_level = (boundary < before) | ((boundary == before) & coin)
+  return empty & jnp.where(tree[:, None], coin, by_level)
 
 
 def keyword_keep(mask, rng, noise_cfg: NoiseConfig):
@@ -324,15 +362,22 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
   inputs = canvas_inputs(noised.canvas, noised.length)
   targets = noised.gap_targets
+  closed = noised.closed
+  if closed is not None:  # known to be empty: no decision left there, no loss
+    targets = jnp.where(closed, -1, targets)
   num = tokens.shape[0]
   if noise_cfg.pack_rows:
-    packed = pack(*inputs, targets, rows=noise_cfg.pack_rows)
+    extra = () if closed is None else (jnp.where(targets >= 0, 0, closed.astype(jnp.int32)
+                                                 * 2 - 1),)
+    packed = pack(*inputs, targets, rows=noise_cfg.pack_rows, extra=extra)
     inputs = (packed.tokens, packed.segment_ids, packed.positions)
     targets, source, dropped = packed.gap_targets, packed.gap_source, packed.dropped
+    if closed is not None:
+      closed = packed.extra[0] == 1
   else:
     source = jnp.where(targets >= 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
     dropped = jnp.int32(0)
-  logits = model(*inputs)  # [rows, T-1, V+1]
+  logits = model(*inputs, closed=closed) if closed is not None else model(*inputs)
   valid = targets >= 0
   nll = gap_nll(logits, targets)
   num_gaps = jnp.sum(valid)
@@ -685,18 +730,32 @@ def ar_loss(model, tokens, mask, rng=None, stats=None, scorer_cfg=None, noise_cf
   }
 
 
-def level_nll(model, tokens, mask, depth, level, path_entropy: Optional[jax.Array] = None):
+def level_nll(model, tokens, mask, depth, level, path_entropy: Optional[jax.Array] = None,
+              closures: bool = False):
   """Teacher-forced NLL of one level step for every example: float32 [B].
 
   Summing over level = 0..H (levels past an example's height contribute 0)
   gives the exact path NLL, the bound of DESIGN section 2.
+
+  With ``closures`` (``model.gap_state`` models), the gaps that were already empty one
+  level earlier are given to the model as closed and decide nothing: every gap decides
+  once, right after the token that opened it (2n + 1 decisions in all), which is the
+  same path read by a process that remembers its ``none``s; its sum is a bound too.
   """
   del path_entropy
   none_id = model.none_id
   height = noising.tree_height(depth, mask)
-  canvas, targets = noising.noise_to_level(tokens, depth, level, pad_id=PAD_ID, none_id=none_id)
-  length = jnp.sum(depth < level[:, None], axis=1, dtype=jnp.int32)
-  logits = model(*canvas_inputs(canvas, length))
+  keep = depth < level[:, None]
+  noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
+  inputs = canvas_inputs(noised.canvas, noised.length)
+  targets = noised.gap_targets
+  if closures:
+    closed = ((targets == none_id)
+              & (noising.gap_boundary_depth(depth, keep) < level[:, None] - 1))
+    logits = model(*inputs, closed=closed)
+    targets = jnp.where(closed, -1, targets)
+  else:
+    logits = model(*inputs)
   nll = jnp.sum(gap_nll(logits, targets), axis=1)
   return jnp.where(level <= height, nll, 0.0)
 

@@ -48,6 +48,9 @@ class ModelConfig:
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
     remat: rematerialise each block in the backward pass (saves memory).
     rope_base: rotary-embedding wavelength base.
+    gap_state: the insertion model also reads which gaps are known to be empty (closed
+      gaps: a sampler's decided ``none``s, the bound's earlier levels), as two learned
+      vectors added to each closed gap's two neighbours (see `InsertionTransformer`).
   """
 
   vocab_size: int
@@ -59,6 +62,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   rope_base: float = 10000.0
+  gap_state: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
@@ -193,7 +197,7 @@ class Backbone(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, rngs)
 
-  def __call__(self, tokens, segment_ids, positions, causal: bool):
+  def __call__(self, tokens, segment_ids, positions, causal: bool, extra=None):
     """Hidden states.
 
     Args:
@@ -201,12 +205,16 @@ class Backbone(nnx.Module):
       segment_ids: int [B, T]; attention stays inside a segment; 0 = padding.
       positions: int [B, T], position of each token inside its segment.
       causal: attend only to earlier positions.
+      extra: optional float [B, T, D] added to the token embeddings.
 
     Returns:
       [B, T, D] in the compute dtype.
     """
     cfg = self.cfg
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if extra is not None:
+      x = x + extra
+    x = x.astype(cfg.compute_dtype)
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
     if causal:
       t = tokens.shape[1]
@@ -247,18 +255,22 @@ class InsertionTransformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (d, cfg.vocab_size),
                             ("embed", "vocab"))
+    if cfg.gap_state:  # [closed gap after me, closed gap before me]
+      self.closed_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
 
   @property
   def none_id(self) -> int:
     return self.cfg.vocab_size
 
-  def __call__(self, tokens, segment_ids, positions):
+  def __call__(self, tokens, segment_ids, positions, closed=None):
     """Gap logits.
 
     Args:
       tokens: int [B, T], canvases ``[BOS] x [EOS]`` (one or more per row).
       segment_ids: int [B, T], 0 on padding.
       positions: int [B, T], position inside the segment.
+      closed: optional bool [B, T-1], gaps known to be empty (``model.gap_state``
+        models only; None = no gap is known).
 
     Returns:
       float32 [B, T-1, V+1]: logits of gap g, between positions g and g+1;
@@ -267,7 +279,17 @@ class InsertionTransformer(nnx.Module):
     """
     cfg = self.cfg
     dt = cfg.compute_dtype
-    h = self.backbone(tokens, segment_ids, positions, causal=False)
+    extra = None
+    if closed is not None:
+      if not cfg.gap_state:
+        raise ValueError("This model was built without model.gap_state: it cannot read "
+                         "closed gaps.")
+      c = closed.astype(jnp.float32)
+      after = jnp.pad(c, ((0, 0), (0, 1)))   # position t: gap t (after t) is closed
+      before = jnp.pad(c, ((0, 0), (1, 0)))  # position t: gap t-1 (before t) is closed
+      table = self.closed_embed[...]
+      extra = after[..., None] * table[0] + before[..., None] * table[1]
+    h = self.backbone(tokens, segment_ids, positions, causal=False, extra=extra)
     pair = jnp.concatenate([h[:, :-1], h[:, 1:]], axis=-1)
     g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair, self.gap_in[...].astype(dt))))
     return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)

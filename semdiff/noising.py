@@ -22,7 +22,7 @@ Everything here is a pure function of arrays: jit-able, batched over the leading
 axis and free of Python loops over tokens. Shapes: ``B`` batch, ``L`` sequence.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,14 @@ class Noised(NamedTuple):
     gap_targets: int32 [B, L+1], per gap the token to insert or ``none_id``;
       -1 for gaps past the end (g > number of kept tokens).
     length: int32 [B], number of kept tokens n.
+    closed: optional bool [B, L+1], gaps the model is told are empty (their
+      target is ``none_id``; training states with known closed gaps), or None.
   """
 
   canvas: jax.Array
   gap_targets: jax.Array
   length: jax.Array
+  closed: Optional[jax.Array] = None
 
 
 def ancestors(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -143,6 +146,30 @@ def noise_to_keep(
   targets = jnp.where(gaps <= n[:, None], jnp.int32(none_id), jnp.int32(-1))
   targets = targets.at[rows, jnp.where(is_root, gap, length + 1)].set(tokens, mode="drop")
   return Noised(canvas=canvas, gap_targets=targets, length=n)
+
+
+def gap_boundary_depth(depth: jax.Array, keep: jax.Array) -> jax.Array:
+  """The deeper of each gap's two neighbours in a kept set's canvas: int32 [B, L+1].
+
+  Gap g of n kept tokens lies between kept tokens g-1 and g; BOS and EOS count as
+  depth -1, so the one gap of the empty canvas gets -1. A gap whose value is d was
+  opened when its deeper neighbour was inserted, at step d + 1 of the level process:
+  at level h a gap with value < h - 1 is empty for good (every non-empty gap of level h
+  holds a depth-h token, whose parent, of depth h - 1, is one of its neighbours).
+  Gaps past the end (g > n) get -1.
+
+  Args:
+    depth: int [B, L] from `insertion_depth`; keep: bool [B, L], the kept tokens.
+  """
+  depth = jnp.asarray(depth, jnp.int32)
+  keep = jnp.asarray(keep, bool)
+  batch, length = depth.shape
+  rows = jnp.arange(batch)[:, None]
+  dest = jnp.where(keep, jnp.cumsum(keep, axis=1, dtype=jnp.int32) - keep, length + 1)
+  kept_depth = jnp.full((batch, length + 1), -1, jnp.int32).at[rows, dest].set(
+      depth, mode="drop")  # [B, L+1]: canvas index -> depth, -1 from index n on
+  left = jnp.pad(kept_depth[:, :length], ((0, 0), (1, 0)), constant_values=-1)
+  return jnp.maximum(left, kept_depth)
 
 
 def noise_to_level(

@@ -43,7 +43,8 @@ from semdiff import scorers
 from semdiff.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
-SELECT_MODES = ("sample", "certainty", "reserve", "level")
+SELECT_MODES = ("sample", "certainty", "closing", "reserve", "level")
+CLOSING = ("certainty", "closing", "reserve", "level")  # a none closes its gap for good
 # The modes in which a gap decides once whether it is empty, then waits for its token.
 RESERVING = ("reserve", "level")
 
@@ -80,6 +81,12 @@ class SamplerConfig:
       empty). Each gap decision is then made once, in an order that does not
       depend on the draw, so frequent re-asking cannot bias the length; the
       run stops when no gap is open.
+      "closing": every open gap samples, as with "sample", and the most
+      confident draws act (probability >= ``confidence``, at least one): a
+      token inserts, a ``none`` closes its gap for good. As confident-first as
+      "sample" (only likely tokens go in early), yet a ``none`` is said once per
+      gap, and a ``model.gap_state`` model hears which gaps are closed; the run
+      stops when no gap is open.
       "reserve": whether a gap gets a token is decided once, when the gap first
       appears, with the model's own probability of ``none`` (as
       ``stop_filter="separate"``): ``none`` closes it for good, otherwise the
@@ -293,7 +300,8 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
 
   Args:
     gap_logits: fn of canvas-aligned arrays [B, W] (and ``length``) -> logits [B, W+1, V+1].
-    arrays: canvas-aligned int arrays, each [B, C].
+    arrays: canvas-aligned arrays, each [B, C] (or [B, C+1]: gap-aligned, windowed to
+      [B, W+1]).
     length: int [B], tokens in each draft.
     cfg: sampler controls (``max_len`` = C, ``grow_canvas``).
 
@@ -308,7 +316,7 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
 
   def branch(w):
     def run(arrays):
-      logits = gap_logits(*[a[:, :w] for a in arrays], length)
+      logits = gap_logits(*[a[:, :w + a.shape[1] - cap] for a in arrays], length)
       return jnp.pad(logits, ((0, 0), (0, cap - w), (0, 0)))
     return run
 
@@ -316,19 +324,24 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
   return jax.lax.switch(index, [branch(w) for w in windows], tuple(arrays))
 
 
-def _step(model, canvas, length, keys, cfg: SamplerConfig):
+def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
   """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G].
 
   ``certainty`` is the largest log-probability of any choice of the gap. With
   ``select="reserve"``, ``choice`` is a token in every gap and ``logprob`` its probability
   given that the gap is not empty; ``do_insert`` says the gap drew "not empty" (and ``tau``).
 
-  ``keys``: [B] PRNG keys, one per example.
+  ``keys``: [B] PRNG keys, one per example. ``closed``: optional bool [B, C+1], the gaps
+  known to be empty, given to a ``model.gap_state`` model.
   """
   none_id = model.none_id
   batch, cap = canvas.shape
-  logits = in_window(lambda c, n: model(*losses.canvas_inputs(c, n)), (canvas,), length,
-                     cfg)  # [B, C+1, V+1]
+  if closed is None:
+    logits = in_window(lambda c, n: model(*losses.canvas_inputs(c, n)), (canvas,), length,
+                       cfg)  # [B, C+1, V+1]
+  else:
+    logits = in_window(lambda c, k, n: model(*losses.canvas_inputs(c, n), closed=k),
+                       (canvas, closed), length, cfg)
   banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
       True)
   logits = jnp.where(banned, -jnp.inf, logits)
@@ -498,6 +511,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     `Samples`.
   """
   cap = cfg.max_len
+  gap_state = getattr(getattr(model, "cfg", None), "gap_state", False)
   if start is None:
     start = jnp.full((batch_size, cap), PAD_ID, jnp.int32)
     start_length = jnp.zeros((batch_size,), jnp.int32)
@@ -533,11 +547,14 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
 
   def body(s):
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
+    gap = jnp.arange(cap + 1)[None, :]
+    # A gap_state model hears which gaps are empty for good: every none of a sampler whose
+    # none closes its gap, and the gaps a conditioning text keeps shut.
+    closed = (~s["open"] & (gap <= s["length"][:, None])) if gap_state else None
     choice, do_insert, chosen_logp, certainty = _step(model, s["canvas"], s["length"], keys,
-                                                      cfg)
+                                                      cfg, closed)
     active = ~s["done"]
     threshold = jnp.log(max(cfg.confidence, 1e-30))
-    gap = jnp.arange(cap + 1)[None, :]
     open_gaps = s["open"]
     reserved = s["reserved"]
     wanted_any = jnp.zeros((batch_size,), bool)
@@ -570,6 +587,16 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       do_insert &= chosen
       # A gap that chose none (or failed tau) is empty for good.
       open_gaps = open_gaps & ~(chosen & ~do_insert)
+    elif cfg.select == "closing":
+      # Every open gap drew; the most confident draws act, nones included.
+      acting = active[:, None] & open_gaps & (gap <= s["length"][:, None])
+      if cfg.gaps == "last":
+        acting &= gap == s["length"][:, None]
+      limit = insertion_limit(jnp.sum(acting, axis=1),
+                              jnp.sum(acting & (chosen_logp >= threshold), axis=1), cfg)
+      chosen, _ = keep_most_confident(acting, chosen_logp, limit)
+      do_insert &= chosen
+      open_gaps = open_gaps & ~(chosen & ~do_insert)
     else:
       do_insert &= active[:, None] & open_gaps
       wanted = jnp.sum(do_insert, axis=1)
@@ -591,7 +618,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     new_open = update_open_gaps(open_gaps, do_insert)
     # A gap that inserted becomes two new, undecided gaps; the others keep their state.
     new_reserved = move_gap_state(reserved & ~do_insert, do_insert)
-    if cfg.select in ("certainty",) + RESERVING:
+    if cfg.select in CLOSING:
       finished = ~jnp.any(new_open & (gap <= length[:, None]), axis=1)
       # Reserved gaps whose insertions delta (or the canvas) refused would wait forever.
       finished |= wanted_any & ~inserted_any

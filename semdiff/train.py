@@ -430,8 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   refresh = exp.scorer_cfg.table_source == "model"
   step_stats = ()
   eval_batches = pipeline.eval_batches(config, exp.tokenizer, "validation")
-  evaluator = evaluation.NllEvaluator(exp.graphdef, config.model_kind, exp.stats, exp.scorer_cfg,
-                                      exp.noise_cfg.slot_order)
+  evaluator = make_evaluator(exp)
   if refresh:  # trees of the current parameters' embedding
     evaluator = functools.partial(_evaluate_on_own_table, exp)
   preempted = _Preempted()
@@ -459,7 +458,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f"eval @ {step}: NLL bound {ev['nll_per_sentence']:.2f} nats/sentence, "
             f"{ev['nll_per_token']:.3f} nats/token (ppl {ev['perplexity_bound']:.2f})"
             + (f"; level sweep {ev['sweep_nll_per_sentence']:.2f} nats/sentence"
-               if "sweep_nll_per_sentence" in ev else ""), flush=True)
+               if "sweep_nll_per_sentence" in ev else "")
+            + (f"; closed gaps {ev['closure_nll_per_sentence']:.2f} nats/sentence"
+               if "closure_nll_per_sentence" in ev else ""), flush=True)
     return {f"eval/{k}": v for k, v in ev.items()}
 
   final = {}
@@ -536,11 +537,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
 
+def make_evaluator(exp: Experiment, stats=None) -> evaluation.NllEvaluator:
+  """The held-out NLL bound of ``exp``'s model (``stats``: the scorer's, default exp's)."""
+  return evaluation.NllEvaluator(exp.graphdef, exp.config.model_kind,
+                                 exp.stats if stats is None else stats, exp.scorer_cfg,
+                                 exp.noise_cfg.slot_order, closures=exp.model_cfg.gap_state)
+
+
 def _evaluate_on_own_table(exp: Experiment, params, batches, **kwargs) -> dict:
   """`evaluation.NllEvaluator` with the trees of ``params``' own input embedding."""
-  return evaluation.NllEvaluator(exp.graphdef, exp.config.model_kind, model_stats(exp, params),
-                                 exp.scorer_cfg, exp.noise_cfg.slot_order)(params, batches,
-                                                                           **kwargs)
+  return make_evaluator(exp, model_stats(exp, params))(params, batches, **kwargs)
 
 
 def _grammar_summary(config, exp, eval_batches, final) -> dict:
@@ -555,6 +561,9 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
       f"  true entropy (grammar)   {out['true_nll_per_sentence']:8.2f} nats (same sentences)",
       *([f"  level-sweep NLL bound    {final['eval/sweep_nll_per_sentence']:8.2f} nats "
          "(the same path, one gap at a time)"] if "eval/sweep_nll_per_sentence" in final else []),
+      *([f"  closed-gap NLL bound     {final['eval/closure_nll_per_sentence']:8.2f} nats "
+         "(the same path, each gap decides once)"]
+        if "eval/closure_nll_per_sentence" in final else []),
       f"  samples grammatical      {final['samples/grammatical']:8.1%} of "
       f"{int(config.train.num_samples)}",
       f"  mean sample length       {final['samples/sample_length']:8.2f} tokens",
