@@ -98,8 +98,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.noise.keyword_prob = 0.0
   c.noise.keyword_max = 3
   # Share of states that also show which empty gaps are closed (model.gap_state models):
-  # what a sampler whose none closes its gap (sampler.select="certainty") feeds back.
-  c.noise.closed_prob = 0.0
+  # what a sampler whose none closes its gap (sampler.select="certainty") feeds back, and
+  # what the closed-gap NLL bound reads (each gap decides once).
+  c.noise.closed_prob = 0.5
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -110,7 +111,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
-  c.model.gap_state = False         # insertion model: also reads the gaps known to be empty
+  c.model.gap_state = True          # insertion model: also reads the gaps known to be empty
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3
@@ -126,7 +127,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # Split each batch into this many micro-batches (one forward/backward each, one update):
   # activation memory of batch_size / grad_accum_steps, the same loss (see train.make_train_step).
   c.train.grad_accum_steps = 1
-  c.train.num_steps = 2000
+  c.train.num_steps = 3000
   c.train.log_every = 50
   c.train.eval_every = 1000
   c.train.eval_sweep = True         # final eval: also the level-sweep bound (n + H + 1 calls)
@@ -148,6 +149,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.select = "sample"       # confident-first: "sample", "certainty", "reserve", "level"
   c.sampler.stop_filter = "joint"   # "joint": none is a choice under top-k/p; "separate"
   c.sampler.none_bias = 0.0         # added to none's logit (< 0: longer texts)
+  # select="sample": an all-none step stops only if every open gap has p(none) >= this;
+  # else the gap least sure of none inserts its likeliest token (0 = off).
+  c.sampler.stop_confidence = 0.0
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
   # measured as 1 - cos between consecutive drafts:
   c.sampler.epsilon = 0.0           # stop when a step moves E by less than this (0 = off)

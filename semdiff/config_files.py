@@ -68,13 +68,23 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
+# Fields whose default changed when they were added: a saved config that predates one ran
+# with this value, not with today's default (its checkpoint has no closed-gap parameters).
+LEGACY_VALUES = {"model.gap_state": False, "noise.closed_prob": 0.0}
+
+
 def with_defaults(saved: Mapping[str, Any], path: str = DEFAULT) -> ml_collections.ConfigDict:
   """A saved run config (``config.json``) on top of its variant's current defaults.
 
-  Fields added to the config file after the run was saved take their default values, so a
-  workdir written by an older version still loads; every field the run saved keeps its value.
+  Fields added to the config file after the run was saved take their default values (or,
+  for those in ``LEGACY_VALUES``, the value the run had), so a workdir written by an older
+  version still loads; every field the run saved keeps its value.
   """
   base = load(path, saved.get("variant") or None)
+  for key, value in LEGACY_VALUES.items():
+    group, field = key.split(".")
+    if field not in saved.get(group, {field: None}):
+      apply_overrides(base, {key: value})
 
   def merge(node, values):
     for key, value in values.items():

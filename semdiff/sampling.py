@@ -121,6 +121,11 @@ class SamplerConfig:
     none_bias: added to every gap's ``none`` logit before any choice (0 = the
       model as trained; < 0 lengthens the text, > 0 shortens it). A length
       calibration: an undertrained model's ``none`` tends to be overconfident.
+    stop_confidence: with ``select="sample"``, a step in which no gap draws a token ends
+      the sample only if every open gap's p(``none``) is at least this; otherwise the gap
+      least sure of ``none`` inserts its most likely token (0 = off: any all-``none``
+      step stops). Against samples that stop one step short of a sentence, e.g. "the
+      boy ." (a gap that is unsure it is empty still said ``none`` by chance).
     grow_canvas: run each step on the smallest canvas window (8, 16, 32, ...
       tokens, up to ``max_len``; see `canvas_windows`) that holds every row's
       draft, instead of all ``max_len`` positions. The samples are the same
@@ -149,6 +154,7 @@ class SamplerConfig:
   infill: str = ""
   stop_filter: str = "joint"
   none_bias: float = 0.0
+  stop_confidence: float = 0.0
   grow_canvas: bool = False
 
   @property
@@ -168,6 +174,10 @@ class SamplerConfig:
     if cfg.select not in SELECT_MODES:
       raise ValueError(f"sampler.select must be one of {', '.join(SELECT_MODES)}, got "
                        f"{cfg.select!r}.")
+    if not 0.0 <= cfg.stop_confidence <= 1.0 or (cfg.stop_confidence and
+                                                  cfg.select != "sample"):
+      raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1] and "
+                       "needs sampler.select='sample' (the other modes close gaps instead).")
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:
@@ -325,7 +335,8 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
 
 
 def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
-  """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G].
+  """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G],
+  and the log-probabilities of every choice, [B, G, V+1].
 
   ``certainty`` is the largest log-probability of any choice of the gap. With
   ``select="reserve"``, ``choice`` is a token in every gap and ``logprob`` its probability
@@ -370,7 +381,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
     do_insert &= ~empty  # choice is a token everywhere: a reserved gap ignores the draw
   if cfg.tau > 0:
     do_insert &= chosen_logp >= jnp.log(cfg.tau)
-  return choice, do_insert, chosen_logp, jnp.max(logp, axis=-1)
+  return choice, do_insert, chosen_logp, jnp.max(logp, axis=-1), logp
 
 
 def keep_most_confident(do_insert, confidence, limit):
@@ -551,8 +562,8 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     # A gap_state model hears which gaps are empty for good: every none of a sampler whose
     # none closes its gap, and the gaps a conditioning text keeps shut.
     closed = (~s["open"] & (gap <= s["length"][:, None])) if gap_state else None
-    choice, do_insert, chosen_logp, certainty = _step(model, s["canvas"], s["length"], keys,
-                                                      cfg, closed)
+    choice, do_insert, chosen_logp, certainty, logp = _step(model, s["canvas"], s["length"],
+                                                            keys, cfg, closed)
     active = ~s["done"]
     threshold = jnp.log(max(cfg.confidence, 1e-30))
     open_gaps = s["open"]
@@ -603,6 +614,22 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       confident = jnp.sum(do_insert & (chosen_logp >= threshold), axis=1)
       do_insert, _ = keep_most_confident(do_insert, chosen_logp,
                                          insertion_limit(wanted, confident, cfg))
+      if cfg.stop_confidence > 0:
+        # No gap drew a token, yet a gap is unsure it is empty: not a stop. The gap least
+        # sure of none inserts its most likely token instead.
+        live = active[:, None] & open_gaps & (gap <= s["length"][:, None])
+        if cfg.gaps == "last":
+          live &= gap == s["length"][:, None]
+        none_logp = jnp.where(live, logp[..., -1], jnp.inf)
+        unsure = jnp.min(none_logp, axis=1) < jnp.log(cfg.stop_confidence)
+        forced = unsure & ~jnp.any(do_insert, axis=1)
+        pick = jax.nn.one_hot(jnp.argmin(none_logp, axis=1), cap + 1, dtype=bool)
+        best = jnp.argmax(logp[..., :-1], axis=-1)
+        choice = jnp.where(forced[:, None] & pick, best, choice)
+        chosen_logp = jnp.where(forced[:, None] & pick,
+                                jnp.take_along_axis(logp, best[..., None], axis=-1)[..., 0],
+                                chosen_logp)
+        do_insert = do_insert | (forced[:, None] & pick)
     # Never overflow the canvas: drop the least confident insertions that don't fit.
     do_insert, overflow = keep_most_confident(do_insert, chosen_logp, cap - s["length"])
     if cfg.delta >= 0:

@@ -189,3 +189,31 @@ def test_level_selection_decides_only_on_complete_levels():
   assert length(select="reserve", insert_per_step=1) == [5, 5]
   # Filling every reserved gap each step, no gap ever waits: "level" is "reserve".
   assert length(select="level") == length(select="reserve") == [3, 3]
+
+
+class UnsureNone:
+  """Every gap: ``none`` with probability 0.6, else token 7."""
+
+  none_id = V
+
+  def __call__(self, tokens, segment_ids, positions):
+    del segment_ids, positions
+    logits = jnp.full(tokens.shape[:1] + (tokens.shape[1] - 1, V + 1), -30.0)
+    return logits.at[..., V].set(jnp.log(0.6)).at[..., 7].set(jnp.log(0.4))
+
+
+@pytest.mark.parametrize("stop_confidence,grows", [(0.0, False), (0.5, False), (0.7, True)])
+def test_an_all_none_step_stops_only_when_every_gap_is_sure(stop_confidence, grows):
+  # Greedy: every gap says none (0.6). It is a stop unless p(none) < stop_confidence, in
+  # which case one gap (the least sure) inserts its likeliest token, one per step.
+  cfg = sampling.SamplerConfig(temperature=0.0, max_len=8, max_steps=5,
+                               stop_confidence=stop_confidence)
+  out = sampling.sample(UnsureNone(), jax.random.key(0), cfg, batch_size=2)
+  length = np.asarray(out.length)
+  if grows:
+    np.testing.assert_array_equal(length, [5, 5])
+    assert np.all(np.asarray(out.tokens)[:, :5] == 7)
+  else:
+    np.testing.assert_array_equal(length, [0, 0])
+  with pytest.raises(ValueError, match="stop_confidence"):
+    sampling.SamplerConfig.from_config({"stop_confidence": 0.5, "select": "certainty"})

@@ -34,3 +34,13 @@ def test_an_old_saved_config_gets_the_new_fields_defaults():
   assert config.train.grad_accum_steps == 1
   assert config.train.num_steps == 123
   assert config.model.d_model == 64  # the tiny variant's, not the default's
+
+
+def test_an_old_saved_config_keeps_the_values_it_ran_with():
+  """Fields added with a new default (closed gaps) take the value an older run had."""
+  saved = json.loads(config_files.load(variant="tiny").to_json_best_effort())
+  assert saved["model"]["gap_state"] is True and saved["noise"]["closed_prob"] > 0
+  assert config_files.with_defaults(saved).model.gap_state is True
+  del saved["model"]["gap_state"], saved["noise"]["closed_prob"]
+  config = config_files.with_defaults(saved)
+  assert config.model.gap_state is False and config.noise.closed_prob == 0.0
