@@ -151,7 +151,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.none_bias = 0.0         # added to none's logit (< 0: longer texts)
   # select="sample": an all-none step stops only if every open gap has p(none) >= this;
   # else the gap least sure of none inserts its likeliest token (0 = off).
-  c.sampler.stop_confidence = 0.0
+  c.sampler.stop_confidence = 0.95
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
   # measured as 1 - cos between consecutive drafts:
   c.sampler.epsilon = 0.0           # stop when a step moves E by less than this (0 = off)
