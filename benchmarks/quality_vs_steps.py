@@ -48,7 +48,7 @@ _MERGE = flags.DEFINE_list(
 
 # Every setting states all the knobs it uses, so none inherits the config's sampler.
 _PLAIN = {"temperature": 1.0, "top_p": 1.0, "insert_fraction": 1.0, "insert_per_step": 0,
-          "confidence": 0.0, "select": "sample", "none_bias": 0.0}
+          "confidence": 0.0, "select": "sample", "none_bias": 0.0, "stop_confidence": 0.0}
 INSERTION_SETTINGS = {
     "all gaps, T=1": dict(_PLAIN),
     "all gaps, top-p 0.9": dict(_PLAIN, top_p=0.9),
@@ -77,6 +77,9 @@ INSERTION_SETTINGS = {
     # Every gap samples, the most confident draws act; a none closes its gap (a gap_state
     # model hears it).
     "closing 0.5, top-p 0.9": dict(_PLAIN, top_p=0.9, select="closing", confidence=0.5),
+    # An all-none step stops only when every gap is sure of none (the default sampler).
+    "confidence 0.5, top-p 0.9, stop confidence 0.95": dict(_PLAIN, top_p=0.9, confidence=0.5,
+                                                            stop_confidence=0.95),
 }
 # The tree and slot models decide every gap once; "separate" keeps p(none) out of top-p.
 _SEP = dict(_PLAIN, stop_filter="separate")

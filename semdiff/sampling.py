@@ -125,7 +125,8 @@ class SamplerConfig:
       the sample only if every open gap's p(``none``) is at least this; otherwise the gap
       least sure of ``none`` inserts its most likely token (0 = off: any all-``none``
       step stops). Against samples that stop one step short of a sentence, e.g. "the
-      boy ." (a gap that is unsure it is empty still said ``none`` by chance).
+      boy ." (a gap that is unsure it is empty still said ``none`` by chance). The
+      other ``select`` modes, whose ``none`` closes its gap, ignore it.
     grow_canvas: run each step on the smallest canvas window (8, 16, 32, ...
       tokens, up to ``max_len``; see `canvas_windows`) that holds every row's
       draft, instead of all ``max_len`` positions. The samples are the same
@@ -174,10 +175,8 @@ class SamplerConfig:
     if cfg.select not in SELECT_MODES:
       raise ValueError(f"sampler.select must be one of {', '.join(SELECT_MODES)}, got "
                        f"{cfg.select!r}.")
-    if not 0.0 <= cfg.stop_confidence <= 1.0 or (cfg.stop_confidence and
-                                                  cfg.select != "sample"):
-      raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1] and "
-                       "needs sampler.select='sample' (the other modes close gaps instead).")
+    if not 0.0 <= cfg.stop_confidence <= 1.0:
+      raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1].")
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:

@@ -216,4 +216,4 @@ def test_an_all_none_step_stops_only_when_every_gap_is_sure(stop_confidence, gro
   else:
     np.testing.assert_array_equal(length, [0, 0])
   with pytest.raises(ValueError, match="stop_confidence"):
-    sampling.SamplerConfig.from_config({"stop_confidence": 0.5, "select": "certainty"})
+    sampling.SamplerConfig.from_config({"stop_confidence": 1.5})
