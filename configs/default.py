@@ -2,7 +2,7 @@ r"""The default semdiff config: an insertion model on the embedded grammar corpu
 
 Variants (``--config=configs/default.py:VARIANT``):
   tiny   a few-minute smoke run (tests, Colab);
-  small  the default: trains on 2 CPU cores in about 10 minutes;
+  small  the default: trains on 2 CPU cores in about 11 minutes;
   base   a real accelerator run.
 
 Run:
