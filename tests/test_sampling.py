@@ -333,7 +333,10 @@ def test_left_to_right_greedy_parallel_equals_greedy_autoregressive(left_to_righ
   start, start_length = sampling.keyword_canvas(prompts, cap)
   out = {}
   for gaps in ("all", "last"):
-    cfg = sampling.SamplerConfig.from_config(exp.config.sampler, temperature=0.0, gaps=gaps)
+    # The plain stop rule: stop_confidence's forced insertion goes to the gap least sure of
+    # none, which under gaps="all" need not be the last one.
+    cfg = sampling.SamplerConfig.from_config(exp.config.sampler, temperature=0.0, gaps=gaps,
+                                             stop_confidence=0.0)
     run = sampling.make_sampler(exp.graphdef, cfg, batch_size=16)
     out[gaps] = jax.tree.map(np.asarray, run(params, jax.random.key(0), start, start_length))
   parallel, sequential = out["all"], out["last"]
