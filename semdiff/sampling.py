@@ -586,26 +586,18 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       limit = insertion_limit(jnp.sum(wanted, axis=1),
                               jnp.sum(wanted & (chosen_logp >= threshold), axis=1), cfg)
       do_insert, _ = keep_most_confident(wanted, chosen_logp, limit)
-    elif cfg.select == "certainty":
-      # Choose the gaps first, by a rule that does not look at the draw; only they decide.
+    elif cfg.select in ("certainty", "closing"):
+      # "certainty" chooses the gaps by a rule that does not look at the draw (only they
+      # decide); "closing" lets every gap draw and the most confident draws act.
+      score = certainty if cfg.select == "certainty" else chosen_logp
       acting = active[:, None] & open_gaps & (gap <= s["length"][:, None])
       if cfg.gaps == "last":
         acting &= gap == s["length"][:, None]
       limit = insertion_limit(jnp.sum(acting, axis=1),
-                              jnp.sum(acting & (certainty >= threshold), axis=1), cfg)
-      chosen, _ = keep_most_confident(acting, certainty, limit)
+                              jnp.sum(acting & (score >= threshold), axis=1), cfg)
+      chosen, _ = keep_most_confident(acting, score, limit)
       do_insert &= chosen
       # A gap that chose none (or failed tau) is empty for good.
-      open_gaps = open_gaps & ~(chosen & ~do_insert)
-    elif cfg.select == "closing":
-      # Every open gap drew; the most confident draws act, nones included.
-      acting = active[:, None] & open_gaps & (gap <= s["length"][:, None])
-      if cfg.gaps == "last":
-        acting &= gap == s["length"][:, None]
-      limit = insertion_limit(jnp.sum(acting, axis=1),
-                              jnp.sum(acting & (chosen_logp >= threshold), axis=1), cfg)
-      chosen, _ = keep_most_confident(acting, chosen_logp, limit)
-      do_insert &= chosen
       open_gaps = open_gaps & ~(chosen & ~do_insert)
     else:
       do_insert &= active[:, None] & open_gaps
