@@ -83,7 +83,7 @@ def with_defaults(saved: Mapping[str, Any], path: str = DEFAULT) -> ml_collectio
   base = load(path, saved.get("variant") or None)
   for key, value in LEGACY_VALUES.items():
     group, field = key.split(".")
-    if field not in saved.get(group, {field: None}):
+    if field not in saved.get(group, {}):
       apply_overrides(base, {key: value})
 
   def merge(node, values):

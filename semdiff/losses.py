@@ -295,12 +295,20 @@ def closed_gaps(noised, depth, keep, level, tree, rate, rng, none_id: int):
     noised: the states (`noising.noise_to_keep` of ``keep``); depth, keep: [B, L];
     level: int [B]; tree: bool [B], tree frontiers; rate: float [B]; rng: PRNG key.
   """
-  empty = noised.gap_targets == none_id
+  coin = jax.random.uniform(rng, noised.gap_targets.shape) < rate[:, None]
+  by_level = closed_by_level(noised, depth, keep, level, none_id, current=coin)
+  return jnp.where(tree[:, None], coin & (noised.gap_targets == none_id), by_level)
+
+
+def closed_by_level(noised, depth, keep, level, none_id: int, current=False):
+  """The empty gaps of a level state (level h) opened before step h, bool [B, L+1]: empty
+  since an earlier level (`noising.gap_boundary_depth` < h - 1). ``current`` (bool
+  [B, L+1]) also closes those empty gaps of the current level (value h - 1) where it holds.
+  """
   boundary = noising.gap_boundary_depth(depth, keep)
-  coin = jax.random.uniform(rng, empty.shape) < rate[:, None]
   before = level[:, None] - 1
-  by_level = (boundary < before) | ((boundary == before) & coin)
-  return empty & jnp.where(tree[:, None], coin, by_level)
+  return (noised.gap_targets == none_id) & (
+      (boundary < before) | ((boundary == before) & current))
 
 
 def keyword_keep(mask, rng, noise_cfg: NoiseConfig):
@@ -367,8 +375,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     targets = jnp.where(closed, -1, targets)
   num = tokens.shape[0]
   if noise_cfg.pack_rows:
-    extra = () if closed is None else (jnp.where(targets >= 0, 0, closed.astype(jnp.int32)
-                                                 * 2 - 1),)
+    extra = () if closed is None else (jnp.where(closed, 1, -1),)
     packed = pack(*inputs, targets, rows=noise_cfg.pack_rows, extra=extra)
     inputs = (packed.tokens, packed.segment_ids, packed.positions)
     targets, source, dropped = packed.gap_targets, packed.gap_source, packed.dropped
@@ -377,7 +384,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   else:
     source = jnp.where(targets >= 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
     dropped = jnp.int32(0)
-  logits = model(*inputs, closed=closed) if closed is not None else model(*inputs)
+  logits = model(*inputs, closed=closed)  # [rows, T-1, V+1]
   valid = targets >= 0
   nll = gap_nll(logits, targets)
   num_gaps = jnp.sum(valid)
@@ -749,13 +756,11 @@ def level_nll(model, tokens, mask, depth, level, path_entropy: Optional[jax.Arra
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
   inputs = canvas_inputs(noised.canvas, noised.length)
   targets = noised.gap_targets
+  closed = None
   if closures:
-    closed = ((targets == none_id)
-              & (noising.gap_boundary_depth(depth, keep) < level[:, None] - 1))
-    logits = model(*inputs, closed=closed)
+    closed = closed_by_level(noised, depth, keep, level, none_id)
     targets = jnp.where(closed, -1, targets)
-  else:
-    logits = model(*inputs)
+  logits = model(*inputs, closed=closed)
   nll = jnp.sum(gap_nll(logits, targets), axis=1)
   return jnp.where(level <= height, nll, 0.0)
 

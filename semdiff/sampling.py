@@ -334,10 +334,8 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
 
 
 def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
-  """One insertion step's choices: (choice, do_insert, logprob, certainty), all [B, G],
-  and the log-probabilities of every choice, [B, G, V+1].
-
-  ``certainty`` is the largest log-probability of any choice of the gap. With
+  """One insertion step's choices: (choice, do_insert, logprob), all [B, G], and the
+  log-probabilities of every choice, [B, G, V+1] (their max is a gap's certainty). With
   ``select="reserve"``, ``choice`` is a token in every gap and ``logprob`` its probability
   given that the gap is not empty; ``do_insert`` says the gap drew "not empty" (and ``tau``).
 
@@ -380,7 +378,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
     do_insert &= ~empty  # choice is a token everywhere: a reserved gap ignores the draw
   if cfg.tau > 0:
     do_insert &= chosen_logp >= jnp.log(cfg.tau)
-  return choice, do_insert, chosen_logp, jnp.max(logp, axis=-1), logp
+  return choice, do_insert, chosen_logp, logp
 
 
 def keep_most_confident(do_insert, confidence, limit):
@@ -561,17 +559,17 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     # A gap_state model hears which gaps are empty for good: every none of a sampler whose
     # none closes its gap, and the gaps a conditioning text keeps shut.
     closed = (~s["open"] & (gap <= s["length"][:, None])) if gap_state else None
-    choice, do_insert, chosen_logp, certainty, logp = _step(model, s["canvas"], s["length"],
-                                                            keys, cfg, closed)
+    choice, do_insert, chosen_logp, logp = _step(model, s["canvas"], s["length"], keys, cfg,
+                                                 closed)
     active = ~s["done"]
     threshold = jnp.log(max(cfg.confidence, 1e-30))
     open_gaps = s["open"]
     reserved = s["reserved"]
     wanted_any = jnp.zeros((batch_size,), bool)
+    live = active[:, None] & open_gaps & (gap <= s["length"][:, None])  # gaps still deciding
+    if cfg.gaps == "last":
+      live &= gap == s["length"][:, None]
     if cfg.select in RESERVING:
-      live = active[:, None] & open_gaps & (gap <= s["length"][:, None])
-      if cfg.gaps == "last":
-        live &= gap == s["length"][:, None]
       tau_ok = (chosen_logp >= jnp.log(cfg.tau)) if cfg.tau > 0 else jnp.ones_like(live)
       # A new gap decides once whether it is empty; a reserved one only waits for its token.
       deciding = live & ~reserved
@@ -589,13 +587,10 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     elif cfg.select in ("certainty", "closing"):
       # "certainty" chooses the gaps by a rule that does not look at the draw (only they
       # decide); "closing" lets every gap draw and the most confident draws act.
-      score = certainty if cfg.select == "certainty" else chosen_logp
-      acting = active[:, None] & open_gaps & (gap <= s["length"][:, None])
-      if cfg.gaps == "last":
-        acting &= gap == s["length"][:, None]
-      limit = insertion_limit(jnp.sum(acting, axis=1),
-                              jnp.sum(acting & (score >= threshold), axis=1), cfg)
-      chosen, _ = keep_most_confident(acting, score, limit)
+      score = jnp.max(logp, axis=-1) if cfg.select == "certainty" else chosen_logp
+      limit = insertion_limit(jnp.sum(live, axis=1),
+                              jnp.sum(live & (score >= threshold), axis=1), cfg)
+      chosen, _ = keep_most_confident(live, score, limit)
       do_insert &= chosen
       # A gap that chose none (or failed tau) is empty for good.
       open_gaps = open_gaps & ~(chosen & ~do_insert)
@@ -608,9 +603,6 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       if cfg.stop_confidence > 0:
         # No gap drew a token, yet a gap is unsure it is empty: not a stop. The gap least
         # sure of none inserts its most likely token instead.
-        live = active[:, None] & open_gaps & (gap <= s["length"][:, None])
-        if cfg.gaps == "last":
-          live &= gap == s["length"][:, None]
         none_logp = jnp.where(live, logp[..., -1], jnp.inf)
         unsure = jnp.min(none_logp, axis=1) < jnp.log(cfg.stop_confidence)
         forced = unsure & ~jnp.any(do_insert, axis=1)
