@@ -103,6 +103,11 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # what a sampler whose none closes its gap (sampler.select="certainty") feeds back, and
   # what the closed-gap NLL bound reads (each gap decides once).
   c.noise.closed_prob = 0.5
+  # Share of states that are the whole sentence with random non-adjacent holes (every other
+  # gap closed): teaches p(token | the rest), what sampler.refine_steps asks. hole_rate: the
+  # most of a hole state's tokens that may be left out.
+  c.noise.hole_prob = 0.0
+  c.noise.hole_rate = 0.5
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -154,6 +159,11 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # select="sample": an all-none step stops only if every open gap has p(none) >= this;
   # else the gap least sure of none inserts its likeliest token (0 = off).
   c.sampler.stop_confidence = 0.95
+  # Correction rounds after a sample is finished (needs noise.hole_prob > 0 in training):
+  # each round, one model call, replaces per sample the token least likely given the rest,
+  # if its probability is below refine_threshold, by the model's likeliest token there.
+  c.sampler.refine_steps = 0
+  c.sampler.refine_threshold = 0.1
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
   # measured as 1 - cos between consecutive drafts:
   c.sampler.epsilon = 0.0           # stop when a step moves E by less than this (0 = off)

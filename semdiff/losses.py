@@ -64,6 +64,14 @@ class NoiseConfig:
       half of these states, else uniform). A sampler whose ``none`` closes a gap for good
       (``sampler.select="certainty"``) feeds its closed gaps back the same way, so the
       decisions still open are conditioned on the gaps already known to be empty.
+    hole_prob: share of states that are the whole sentence with a few holes: random
+      non-adjacent tokens left out, every other gap closed (``model.gap_state`` models
+      only; `hole_keep`). Each hole's target is its one missing token, so the model learns
+      p(x_i | the rest of x): the question the sampler's correction rounds ask of every
+      token of a finished sample (``sampler.refine_steps``).
+    hole_rate: most of a hole state's tokens that are candidates for a hole (each state
+      draws its rate uniformly below this; of a run of adjacent candidates only the first
+      becomes a hole).
     slot_order: the slot model's non-random training order, which its bound reads:
       "level" (a level's gaps decide together, as the parallel sampler does) or
       "sequential" (one at a time, left to right; see `slot_schedule`).
@@ -81,6 +89,8 @@ class NoiseConfig:
   keyword_prob: float = 0.0
   keyword_max: int = 3
   closed_prob: float = 0.0
+  hole_prob: float = 0.0
+  hole_rate: float = 0.5
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -97,6 +107,9 @@ class NoiseConfig:
                        f"noise.keyword_max={cfg.keyword_max} at least 1.")
     if not 0.0 <= cfg.closed_prob <= 1.0:
       raise ValueError(f"noise.closed_prob={cfg.closed_prob} must be in [0, 1].")
+    if not 0.0 <= cfg.hole_prob <= 1.0 or not 0.0 < cfg.hole_rate <= 1.0:
+      raise ValueError(f"noise.hole_prob={cfg.hole_prob} must be in [0, 1] and "
+                       f"noise.hole_rate={cfg.hole_rate} in (0, 1].")
     if cfg.slot_order not in SLOT_ORDERS:
       raise ValueError(f"Unknown noise.slot_order {cfg.slot_order!r}; choose one of "
                        f"{', '.join(SLOT_ORDERS)}.")
@@ -269,6 +282,12 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     with_keywords = jnp.any(chosen, axis=1)
     exact &= ~with_keywords  # not an exact level: left out of the bound estimate
     level_frontier &= ~with_keywords
+  holed = None
+  if noise_cfg.hole_prob > 0:  # (its own key: the other draws stay those of prob 0)
+    holed, holes = hole_keep(mask, jax.random.fold_in(rng, 13), noise_cfg)
+    keep = jnp.where(holed[:, None], mask & ~holes, keep)
+    exact &= ~holed
+    level_frontier &= ~holed
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
   if noise_cfg.closed_prob > 0:  # (its own key: the other draws stay those of prob 0)
     k_on, k_rate, k_gap = jax.random.split(jax.random.fold_in(rng, 11), 3)
@@ -279,6 +298,11 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     closed = closed_gaps(noised, depth, keep, level, tree, rate, k_gap, none_id) & on[:, None]
     noised = noised._replace(closed=closed)
     exact &= ~on  # the plain bound's estimate reads states without closed gaps
+  if holed is not None:  # a hole state's other gaps are all closed: only the holes decide
+    closed = holed[:, None] & (noised.gap_targets == none_id)
+    if noised.closed is not None:
+      closed |= ~holed[:, None] & noised.closed
+    noised = noised._replace(closed=closed)
   weight = state_weights(depth, level, keep, height, level_frontier, noise_cfg)
   return noised, height, exact, path_entropy, weight
 
@@ -323,6 +347,26 @@ def keyword_keep(mask, rng, noise_cfg: NoiseConfig):
   keys = jnp.where(mask, jax.random.uniform(k_pick, mask.shape), 2.0)
   rank = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)
   return mask & (rank < count[:, None]) & on[:, None]
+
+
+def hole_keep(mask, rng, noise_cfg: NoiseConfig):
+  """Hole states: (holed bool [B], holes bool [B, L]).
+
+  A ``hole_prob`` share of the rows is holed. Each of their real tokens is a candidate with
+  the row's rate (uniform in [0, ``hole_rate``)), one random token always is, and the first
+  candidate of every run of adjacent candidates becomes a hole: at least one hole, no two
+  adjacent, so each hole is the only missing token of its gap.
+  """
+  k_on, k_rate, k_cand, k_one = jax.random.split(rng, 4)
+  batch, length = mask.shape
+  holed = (jax.random.uniform(k_on, (batch,)) < noise_cfg.hole_prob) & jnp.any(mask, axis=1)
+  rate = noise_cfg.hole_rate * jax.random.uniform(k_rate, (batch, 1))
+  n = jnp.sum(mask, axis=1)
+  one = jax.random.randint(k_one, (batch,), 0, jnp.maximum(n, 1))
+  cand = mask & ((jax.random.uniform(k_cand, mask.shape) < rate)
+                 | (jnp.arange(length)[None, :] == one[:, None]))
+  holes = cand & ~jnp.pad(cand[:, :-1], ((0, 0), (1, 0)))
+  return holed, holes & holed[:, None]
 
 
 def state_weights(depth, level, keep, height, level_frontier, noise_cfg: NoiseConfig):

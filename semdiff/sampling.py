@@ -127,6 +127,13 @@ class SamplerConfig:
       step stops). Against samples that stop one step short of a sentence, e.g. "the
       boy ." (a gap that is unsure it is empty still said ``none`` by chance). The
       other ``select`` modes, whose ``none`` closes its gap, ignore it.
+    refine_steps: correction rounds after the sample is finished (``model.gap_state``
+      models trained with ``noise.hole_prob`` > 0; see `refine`). Each round is one more
+      model call: every token of the sample is left out in turn (all at once, one canvas
+      each) and the model, told that every other gap is closed, gives p(token | the rest);
+      per sample the least likely token, if its probability is below
+      ``refine_threshold``, is replaced by the model's likeliest token there (0 = off).
+    refine_threshold: a token whose leave-one-out probability is at least this stays.
     grow_canvas: run each step on the smallest canvas window (8, 16, 32, ...
       tokens, up to ``max_len``; see `canvas_windows`) that holds every row's
       draft, instead of all ``max_len`` positions. The samples are the same
@@ -156,6 +163,8 @@ class SamplerConfig:
   stop_filter: str = "joint"
   none_bias: float = 0.0
   stop_confidence: float = 0.0
+  refine_steps: int = 0
+  refine_threshold: float = 0.1
   grow_canvas: bool = False
 
   @property
@@ -177,6 +186,9 @@ class SamplerConfig:
                        f"{cfg.select!r}.")
     if not 0.0 <= cfg.stop_confidence <= 1.0:
       raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1].")
+    if cfg.refine_steps < 0 or not 0.0 < cfg.refine_threshold <= 1.0:
+      raise ValueError(f"sampler.refine_steps={cfg.refine_steps} must be >= 0 and "
+                       f"sampler.refine_threshold={cfg.refine_threshold} in (0, 1].")
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:
@@ -544,6 +556,8 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
               done=jnp.zeros((batch_size,), bool), calls=jnp.zeros((batch_size,), jnp.int32),
               logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
               keys=_example_keys(rng, batch_size), open=jnp.asarray(open_gaps, bool),
+              # 1 on the start's own tokens (keywords, prompt, infill text): never refined.
+              given=(jnp.arange(cap)[None, :] < start_length[:, None]).astype(jnp.int32),
               reserved=jnp.zeros((batch_size, cap + 1), bool),
               sum=embed_sum(start, start_length), drafts=drafts, draft_len=draft_len,
               inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
@@ -622,6 +636,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       fitted = fit_delta(do_insert, chosen_logp, vectors, s["sum"], cfg.delta)
       do_insert = jnp.where((s["length"] > 0)[:, None], fitted, do_insert)
     canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
+    given, _ = insert(s["given"], s["length"], jnp.zeros_like(choice), do_insert)
     new_sum = embed_sum(canvas, length)
     moved = jnp.where(active, _distance(s["sum"], new_sum), 0.0)
     inserted_any = jnp.any(do_insert, axis=1)
@@ -642,7 +657,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
         canvas=canvas, length=length, done=done,
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(do_insert, chosen_logp, 0.0), axis=1),
-        step=step, keys=s["keys"], open=new_open, reserved=new_reserved, sum=new_sum,
+        step=step, keys=s["keys"], open=new_open, given=given, reserved=new_reserved, sum=new_sum,
         drafts=s["drafts"].at[step].set(canvas),
         draft_len=s["draft_len"].at[step].set(length),
         inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
@@ -651,6 +666,16 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
         moved=s["moved"].at[step].set(moved))
 
   out = jax.lax.while_loop(cond, body, init)
+  if cfg.refine_steps:
+    if not gap_state:
+      raise ValueError("sampler.refine_steps needs a model.gap_state model trained with "
+                       "noise.hole_prob > 0; set sampler.refine_steps=0.")
+    for _ in range(cfg.refine_steps):
+      canvas, _ = refine(model, out["canvas"], out["length"], cfg, out["given"] == 1)
+      step = jnp.minimum(out["step"] + 1, steps - 1)
+      out = dict(out, canvas=canvas, step=step, calls=out["calls"] + 1,
+                 drafts=out["drafts"].at[step].set(canvas),
+                 draft_len=out["draft_len"].at[step].set(out["length"]))
   # Steps never taken repeat the final canvas, so drafts[-1] is always the result.
   taken = jnp.arange(steps) <= out["step"]
   drafts = jnp.where(taken[:, None, None], out["drafts"], out["canvas"][None])
@@ -659,6 +684,60 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
                  drafts=drafts, draft_length=draft_len, inserted_logprob=out["logprob"],
                  inserted=out["inserted"], inserted_prob=out["inserted_prob"],
                  moved=out["moved"])
+
+
+def leave_one_out(model, canvas, length, cfg: SamplerConfig):
+  """Every token's probability given the rest: log-probabilities float32 [B, C, V+1].
+
+  Row (b, i) is the model's gap distribution for canvas b with token i left out and every
+  other gap closed (what ``noise.hole_prob`` states teach); rows i >= length are unused.
+  Runs on the smallest window that holds every canvas, one canvas per (b, i).
+  """
+  none_id = model.none_id
+  batch, cap = canvas.shape
+
+  def gap_logits(c, n):  # c: [B, W]
+    w = c.shape[1]
+    idx = jnp.arange(w)
+    # Canvas i: tokens 0..i-1, then i+1..: position j reads token j + (j >= i).
+    src = idx[None, :] + (idx[None, :] >= idx[:, None])  # [W (left out), W]
+    left_out = jnp.take(jnp.pad(c, ((0, 0), (0, 1)), constant_values=PAD_ID),
+                        jnp.minimum(src, w), axis=1)  # [B, W, W]
+    flat = left_out.reshape(batch * w, w)
+    n_flat = jnp.repeat(jnp.maximum(n - 1, 0), w)
+    closed = jnp.arange(w + 1)[None, :] != jnp.tile(idx, batch)[:, None]  # only gap i open
+    logits = model(*losses.canvas_inputs(flat, n_flat), closed=closed)  # [B*W, W+1, V+1]
+    hole = logits[jnp.arange(batch * w), jnp.tile(idx, batch)].reshape(batch, w, -1)
+    return jnp.pad(hole, ((0, 0), (0, 1), (0, 0)))
+
+  logits = in_window(gap_logits, (canvas,), length, cfg)[:, :cap]
+  banned = jnp.zeros((none_id + 1,), bool).at[
+      jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID, none_id])].set(True)
+  return jax.nn.log_softmax(jnp.where(banned, -jnp.inf, logits), axis=-1)
+
+
+def refine(model, canvas, length, cfg: SamplerConfig, fixed=None):
+  """One correction round (``sampler.refine_steps``): (canvas int32 [B, C], changed bool [B]).
+
+  Per sample, the token least likely given the rest (`leave_one_out`) is replaced by the
+  model's likeliest token for its place, if its probability is below
+  ``cfg.refine_threshold`` and the replacement is another token; one token per sample per
+  round, so that two corrections never disagree. ``fixed``: optional bool [B, C], tokens
+  that stay (the conditioning's keywords, prompt or infill text).
+  """
+  batch, cap = canvas.shape
+  logp = leave_one_out(model, canvas, length, cfg)
+  current = jnp.take_along_axis(logp, canvas[..., None], axis=-1)[..., 0]  # [B, C]
+  best = jnp.argmax(logp, axis=-1)
+  movable = (jnp.arange(cap)[None, :] < length[:, None]) & (best != canvas)
+  movable &= current < jnp.log(cfg.refine_threshold)
+  if fixed is not None:
+    movable &= ~fixed
+  gain = jnp.where(movable, jnp.max(logp, axis=-1) - current, -jnp.inf)
+  where = jnp.argmax(gain, axis=1)
+  changed = jnp.any(movable, axis=1)
+  pick = jax.nn.one_hot(where, cap, dtype=bool) & changed[:, None]
+  return jnp.where(pick, best, canvas).astype(jnp.int32), changed
 
 
 def make_sampler(graphdef, cfg: SamplerConfig, batch_size: int):
@@ -775,7 +854,7 @@ def _grow_owned(gap_logits, none_id: int, rng, cfg: SamplerConfig, batch_size: i
         done=s["done"] | finished | overflow | (length >= cap),
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(deciding, chosen_logp, 0.0), axis=1),
-        step=step, keys=s["keys"], open=new_open,
+        step=step, keys=s["keys"], open=new_open, given=given,
         drafts=s["drafts"].at[step].set(canvas), draft_len=s["draft_len"].at[step].set(length),
         inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),
         inserted_prob=s["inserted_prob"].at[step].set(

@@ -1,0 +1,146 @@
+"""Hole states (``noise.hole_prob``) and the sampler's correction rounds (``refine_steps``)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semdiff import losses
+from semdiff import model as model_lib
+from semdiff import sampling
+from semdiff import scorers
+from semdiff.data.tokenizer import PAD_ID
+
+V = 40
+NONE = V
+
+
+def _batch(seed=0, batch=16, length=12):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(0, length + 1, batch)
+  mask = np.arange(length)[None] < lengths[:, None]
+  tokens = np.where(mask, rng.integers(4, V, (batch, length)), 0).astype(np.int32)
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _model():
+  return model_lib.build("insertion", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, gap_state=True))
+
+
+def test_hole_states_leave_out_single_tokens_and_close_every_other_gap():
+  tokens, mask = _batch()
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
+  noise = losses.NoiseConfig(frontier_prob=0.5, frontier_kind="both", closed_prob=0.5,
+                             hole_prob=1.0)
+  noised, _, exact, _, _ = losses.draw_states(tokens, mask, jax.random.key(0), stats,
+                                              scorers.ScorerConfig("unigram"), noise, NONE)
+  holed, holes = losses.hole_keep(mask, jax.random.fold_in(jax.random.key(0), 13), noise)
+  tokens, mask, holes = map(np.asarray, (tokens, mask, holes))
+  targets, closed = np.asarray(noised.gap_targets), np.asarray(noised.closed)
+  # Never read as an exact level by the bound (an empty sentence has no holes).
+  assert not np.any(np.asarray(exact) & mask.any(axis=1))
+  for b in range(tokens.shape[0]):
+    n = mask[b].sum()
+    if n == 0:
+      assert not holed[b]
+      continue
+    assert holed[b] and holes[b].any() and not np.any(holes[b] & ~mask[b])
+    assert not np.any(holes[b][1:] & holes[b][:-1])  # no two adjacent
+    kept = tokens[b][mask[b] & ~holes[b]]
+    np.testing.assert_array_equal(np.asarray(noised.canvas)[b, :len(kept)], kept)
+    # Gap g of the canvas holds the hole after kept token g - 1, or nothing (closed).
+    want = np.full(len(kept) + 1, NONE)
+    for i in np.flatnonzero(holes[b]):
+      want[np.sum(mask[b][:i] & ~holes[b][:i])] = tokens[b, i]
+    np.testing.assert_array_equal(targets[b, :len(kept) + 1], want)
+    np.testing.assert_array_equal(closed[b, :len(kept) + 1], want == NONE)
+
+
+def test_hole_prob_zero_leaves_the_other_draws_unchanged():
+  tokens, mask = _batch(seed=1)
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
+  draw = lambda noise: losses.draw_states(tokens, mask, jax.random.key(3), stats,
+                                          scorers.ScorerConfig("unigram"), noise, NONE)
+  a = draw(losses.NoiseConfig(frontier_prob=0.5, closed_prob=0.5))
+  b = draw(losses.NoiseConfig(frontier_prob=0.5, closed_prob=0.5, hole_prob=0.3))
+  holed, _ = losses.hole_keep(mask, jax.random.fold_in(jax.random.key(3), 13),
+                              losses.NoiseConfig(hole_prob=0.3))
+  keep = ~np.asarray(holed)
+  assert keep.any() and (~keep).any()
+  np.testing.assert_array_equal(np.asarray(a[0].canvas)[keep], np.asarray(b[0].canvas)[keep])
+  np.testing.assert_array_equal(np.asarray(a[0].gap_targets)[keep],
+                                np.asarray(b[0].gap_targets)[keep])
+  np.testing.assert_array_equal(np.asarray(a[0].closed)[keep], np.asarray(b[0].closed)[keep])
+
+
+def test_leave_one_out_matches_one_model_call_per_left_out_token():
+  model = _model()
+  cfg = sampling.SamplerConfig(max_len=16, grow_canvas=True)
+  tokens, mask = _batch(seed=2, batch=3, length=16)
+  length = jnp.sum(mask, axis=1).astype(jnp.int32)
+  got = np.asarray(sampling.leave_one_out(model, tokens, length, cfg))
+  for b in range(3):
+    n = int(length[b])
+    for i in range(n):
+      row = np.delete(np.asarray(tokens[b, :n]), i)
+      canvas = jnp.asarray(np.pad(row, (0, 16 - len(row)))[None], jnp.int32)
+      closed = jnp.asarray((np.arange(17) != i)[None])
+      logits = model(*losses.canvas_inputs(canvas, jnp.asarray([n - 1], jnp.int32)),
+                     closed=closed)[0, i]
+      logits = logits.at[jnp.array([0, 1, 2, 3, NONE])].set(-jnp.inf)
+      np.testing.assert_allclose(got[b, i], jax.nn.log_softmax(logits), atol=2e-5)
+
+
+def test_refine_changes_at_most_one_unlikely_token_per_sample():
+  model = _model()
+  tokens, mask = _batch(seed=3, batch=8, length=8)
+  length = jnp.sum(mask, axis=1).astype(jnp.int32)
+  cfg = sampling.SamplerConfig(max_len=8, refine_threshold=1.0)
+  new, changed = sampling.refine(model, tokens, length, cfg)
+  diff = np.asarray(new) != np.asarray(tokens)
+  assert np.all(diff.sum(axis=1) <= 1)
+  np.testing.assert_array_equal(diff.any(axis=1), np.asarray(changed))
+  assert np.asarray(changed)[np.asarray(length) > 0].all()  # random model: always a better one
+  assert not np.any(diff & ~np.asarray(mask))
+  logp = np.asarray(sampling.leave_one_out(model, tokens, length, cfg))
+  for b, i in zip(*np.nonzero(diff)):
+    assert new[b, i] == np.argmax(logp[b, i])
+  # Nothing is below a threshold of ~0, and fixed tokens stay whatever the threshold.
+  tiny = dataclasses.replace(cfg, refine_threshold=1e-30)
+  np.testing.assert_array_equal(sampling.refine(model, tokens, length, tiny)[0], tokens)
+  np.testing.assert_array_equal(sampling.refine(model, tokens, length, cfg, mask)[0], tokens)
+
+
+def test_sampler_refine_rounds_add_one_call_each_and_keep_keywords():
+  model = _model()
+  base = sampling.SamplerConfig(max_len=16, max_steps=6, temperature=1.0, top_p=0.9,
+                                grow_canvas=True)
+  rng = jax.random.key(0)
+  plain = sampling.sample(model, rng, base, batch_size=4)
+  refined = sampling.sample(model, rng, dataclasses.replace(base, refine_steps=2,
+                                                            refine_threshold=1.0), batch_size=4)
+  np.testing.assert_array_equal(refined.calls, np.asarray(plain.calls) + 2)
+  np.testing.assert_array_equal(refined.length, plain.length)
+  np.testing.assert_array_equal(refined.drafts[-1], refined.tokens)
+  assert np.any(np.asarray(refined.tokens) != np.asarray(plain.tokens))
+  # Keywords are the start's own tokens: they stay where the insertions moved them.
+  start = jnp.asarray(np.pad([[7, 9]] * 4, ((0, 0), (0, 14))), jnp.int32)
+  cfg = dataclasses.replace(base, refine_steps=3, refine_threshold=1.0)
+  out = sampling.sample(model, rng, cfg, batch_size=4, start=start,
+                        start_length=jnp.full((4,), 2, jnp.int32))
+  for b in range(4):
+    row = list(np.asarray(out.tokens[b, :int(out.length[b])]))
+    assert 7 in row and 9 in row[row.index(7) + 1:]
+
+
+def test_refine_needs_a_gap_state_model():
+  model = model_lib.build("insertion", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=1, num_heads=2, mlp_dim=64))
+  cfg = sampling.SamplerConfig(max_len=8, max_steps=2, refine_steps=1)
+  with pytest.raises(ValueError, match="gap_state"):
+    sampling.sample(model, jax.random.key(0), cfg, batch_size=2)
+  with pytest.raises(ValueError, match="refine_threshold"):
+    sampling.SamplerConfig.from_config({"refine_threshold": 0.0})
