@@ -276,7 +276,8 @@ def insert(canvas: jax.Array, length: jax.Array, choice: jax.Array, do_insert: j
 
   Args:
     canvas: int [B, C]; length: int [B]; choice: int [B, C+1];
-    do_insert: bool [B, C+1] (callers make sure the result fits in C).
+    do_insert: bool [B, C+1] (callers make sure the result fits in C). A bool canvas (a
+    per-token flag, with False choices) moves its flags with their tokens.
 
   Returns:
     (new canvas int32 [B, C], new length int32 [B]).
@@ -348,6 +349,12 @@ def in_window(gap_logits, arrays, length, cfg: SamplerConfig):
   return jax.lax.switch(index, [branch(w) for w in windows], tuple(arrays))
 
 
+def _banned(none_id: int) -> jax.Array:
+  """bool [V+1]: the ids no gap may insert (pad, bos, eos, unk)."""
+  return jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
+      True)
+
+
 def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
   """One insertion step's choices: (choice, do_insert, logprob), all [B, G], and the
   log-probabilities of every choice, [B, G, V+1] (their max is a gap's certainty). With
@@ -365,9 +372,7 @@ def _step(model, canvas, length, keys, cfg: SamplerConfig, closed=None):
   else:
     logits = in_window(lambda c, k, n: model(*losses.canvas_inputs(c, n), closed=k),
                        (canvas, closed), length, cfg)
-  banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
-      True)
-  logits = jnp.where(banned, -jnp.inf, logits)
+  logits = jnp.where(_banned(none_id), -jnp.inf, logits)
   if cfg.none_bias:
     logits = logits.at[..., none_id].add(cfg.none_bias)
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -559,8 +564,8 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
               done=jnp.zeros((batch_size,), bool), calls=jnp.zeros((batch_size,), jnp.int32),
               logprob=jnp.zeros((batch_size,), jnp.float32), step=jnp.int32(0),
               keys=_example_keys(rng, batch_size), open=jnp.asarray(open_gaps, bool),
-              # 1 on the start's own tokens (keywords, prompt, infill text): never refined.
-              given=(jnp.arange(cap)[None, :] < start_length[:, None]).astype(jnp.int32),
+              # The start's own tokens (keywords, prompt, infill text): never refined.
+              given=jnp.arange(cap)[None, :] < start_length[:, None],
               reserved=jnp.zeros((batch_size, cap + 1), bool),
               sum=embed_sum(start, start_length), drafts=drafts, draft_len=draft_len,
               inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
@@ -639,7 +644,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       fitted = fit_delta(do_insert, chosen_logp, vectors, s["sum"], cfg.delta)
       do_insert = jnp.where((s["length"] > 0)[:, None], fitted, do_insert)
     canvas, length = insert(s["canvas"], s["length"], choice, do_insert)
-    given, _ = insert(s["given"], s["length"], jnp.zeros_like(choice), do_insert)
+    given, _ = insert(s["given"], s["length"], jnp.zeros_like(do_insert), do_insert)
     new_sum = embed_sum(canvas, length)
     moved = jnp.where(active, _distance(s["sum"], new_sum), 0.0)
     inserted_any = jnp.any(do_insert, axis=1)
@@ -675,7 +680,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       raise ValueError("sampler.refine_steps needs a model.gap_state model trained with "
                        "noise.hole_prob > 0; set sampler.refine_steps=0.")
     for _ in range(cfg.refine_steps):
-      canvas, _ = refine(model, out["canvas"], out["length"], cfg, out["given"] == 1)
+      canvas, _ = refine(model, out["canvas"], out["length"], cfg, out["given"])
       step = jnp.minimum(out["step"] + 1, steps - 1)
       out = dict(out, canvas=canvas, step=step, calls=out["calls"] + 1,
                  drafts=out["drafts"].at[step].set(canvas),
@@ -715,8 +720,7 @@ def leave_one_out(model, canvas, length, cfg: SamplerConfig):
     return jnp.pad(hole, ((0, 0), (0, 1), (0, 0)))
 
   logits = in_window(gap_logits, (canvas,), length, cfg)[:, :cap]
-  banned = jnp.zeros((none_id + 1,), bool).at[
-      jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID, none_id])].set(True)
+  banned = _banned(none_id).at[none_id].set(True)  # a hole always holds a token
   return jax.nn.log_softmax(jnp.where(banned, -jnp.inf, logits), axis=-1)
 
 
@@ -817,8 +821,7 @@ def _grow_owned(gap_logits, none_id: int, rng, cfg: SamplerConfig, batch_size: i
   cap = cfg.max_len
   steps = cfg.max_steps + 1
   gap = jnp.arange(cap + 1)[None, :]
-  banned = jnp.zeros((none_id + 1,), bool).at[jnp.array([PAD_ID, BOS_ID, EOS_ID, UNK_ID])].set(
-      True)
+  banned = _banned(none_id)
   init = dict(canvas=jnp.full((batch_size, cap), PAD_ID, jnp.int32),
               times=jnp.zeros((batch_size, cap), jnp.int32),
               length=jnp.zeros((batch_size,), jnp.int32), done=jnp.zeros((batch_size,), bool),

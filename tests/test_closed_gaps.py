@@ -13,16 +13,11 @@ from semdiff import noising
 from semdiff import sampling
 from semdiff import scorers
 
-V = 40
+from fakes import V
+from fakes import random_batch as _batch
+from fakes import small_insertion_model as _model
+
 NONE = V
-
-
-def _batch(seed=0, batch=12, length=16):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(0, length + 1, batch)
-  mask = np.arange(length)[None] < lengths[:, None]
-  tokens = np.where(mask, rng.integers(4, V, (batch, length)), 0).astype(np.int32)
-  return jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def _depths(tokens, mask, seed=0):
@@ -30,11 +25,6 @@ def _depths(tokens, mask, seed=0):
   scores = scorers.significance(tokens, mask, jax.random.key(seed), stats,
                                 scorers.ScorerConfig("random"))
   return noising.insertion_depth(scores, mask)
-
-
-def _model(gap_state=True):
-  return model_lib.build("insertion", model_lib.ModelConfig(
-      vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, gap_state=gap_state))
 
 
 def test_gap_boundary_depth_matches_a_slow_reference():

@@ -11,15 +11,8 @@ from semdiff import losses
 from semdiff import model as model_lib
 from semdiff import scorers
 
-V = 40
-
-
-def _batch(seed=0, batch=12, length=16):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(0, length + 1, batch)
-  mask = np.arange(length)[None] < lengths[:, None]
-  tokens = np.where(mask, rng.integers(4, V, (batch, length)), 0).astype(np.int32)
-  return jnp.asarray(tokens), jnp.asarray(mask)
+from fakes import V
+from fakes import random_batch as _batch
 
 
 @pytest.mark.parametrize("scorer,k", [("unigram", 2), ("random", 1)])

@@ -11,23 +11,16 @@ from semdiff import losses
 from semdiff import model as model_lib
 from semdiff import sampling
 from semdiff import scorers
-from semdiff.data.tokenizer import PAD_ID
 
-V = 40
+from fakes import V
+from fakes import random_batch
+from fakes import small_insertion_model as _model
+
 NONE = V
 
 
 def _batch(seed=0, batch=16, length=12):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(0, length + 1, batch)
-  mask = np.arange(length)[None] < lengths[:, None]
-  tokens = np.where(mask, rng.integers(4, V, (batch, length)), 0).astype(np.int32)
-  return jnp.asarray(tokens), jnp.asarray(mask)
-
-
-def _model():
-  return model_lib.build("insertion", model_lib.ModelConfig(
-      vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, gap_state=True))
+  return random_batch(seed, batch, length)
 
 
 def test_hole_states_leave_out_single_tokens_and_close_every_other_gap():
