@@ -105,9 +105,12 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.noise.closed_prob = 0.5
   # Share of states that are the whole sentence with random non-adjacent holes (every other
   # gap closed): teaches p(token | the rest), what sampler.refine_steps asks. hole_rate: the
-  # most of a hole state's tokens that may be left out.
+  # most of a hole state's tokens that may be left out. hole_open: the most of a hole
+  # state's empty gaps left open (target none; then a state may have no hole), so the model
+  # also learns whether anything is missing (sampler.refine_edits="all").
   c.noise.hole_prob = 0.0
   c.noise.hole_rate = 0.5
+  c.noise.hole_open = 0.0
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
@@ -167,6 +170,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.sampler.refine_steps = 0
   c.sampler.refine_threshold = 0.03
   c.sampler.refine_parallel = True
+  # "all": a round may also delete a token (its place likelier empty) and insert one into a
+  # gap where a token is much likelier than nothing (needs noise.hole_open > 0).
+  c.sampler.refine_edits = "replace"
   # Semantic controls on the sentence embedding E (IDF-weighted mean of a token table),
   # measured as 1 - cos between consecutive drafts:
   c.sampler.epsilon = 0.0           # stop when a step moves E by less than this (0 = off)

@@ -72,6 +72,11 @@ class NoiseConfig:
     hole_rate: most of a hole state's tokens that are candidates for a hole (each state
       draws its rate uniformly below this; of a run of adjacent candidates only the first
       becomes a hole).
+    hole_open: most of a hole state's empty gaps that stay open, target ``none`` (each
+      state draws its chance uniformly below this). Above 0 a hole state may also have no
+      hole at all, so the model learns whether anything is missing: the question
+      ``sampler.refine_edits="all"`` asks to delete and insert tokens. 0: every empty gap
+      is closed and every hole state has a hole.
     slot_order: the slot model's non-random training order, which its bound reads:
       "level" (a level's gaps decide together, as the parallel sampler does) or
       "sequential" (one at a time, left to right; see `slot_schedule`).
@@ -91,6 +96,7 @@ class NoiseConfig:
   closed_prob: float = 0.0
   hole_prob: float = 0.0
   hole_rate: float = 0.5
+  hole_open: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -107,9 +113,10 @@ class NoiseConfig:
                        f"noise.keyword_max={cfg.keyword_max} at least 1.")
     if not 0.0 <= cfg.closed_prob <= 1.0:
       raise ValueError(f"noise.closed_prob={cfg.closed_prob} must be in [0, 1].")
-    if not 0.0 <= cfg.hole_prob <= 1.0 or not 0.0 < cfg.hole_rate <= 1.0:
-      raise ValueError(f"noise.hole_prob={cfg.hole_prob} must be in [0, 1] and "
-                       f"noise.hole_rate={cfg.hole_rate} in (0, 1].")
+    if (not 0.0 <= cfg.hole_prob <= 1.0 or not 0.0 < cfg.hole_rate <= 1.0
+        or not 0.0 <= cfg.hole_open <= 1.0):
+      raise ValueError(f"noise.hole_prob={cfg.hole_prob} and noise.hole_open={cfg.hole_open} "
+                       f"must be in [0, 1], noise.hole_rate={cfg.hole_rate} in (0, 1].")
     if cfg.slot_order not in SLOT_ORDERS:
       raise ValueError(f"Unknown noise.slot_order {cfg.slot_order!r}; choose one of "
                        f"{', '.join(SLOT_ORDERS)}.")
@@ -298,8 +305,12 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     closed = closed_gaps(noised, depth, keep, level, tree, rate, k_gap, none_id) & on[:, None]
     noised = noised._replace(closed=closed)
     exact &= ~on  # the plain bound's estimate reads states without closed gaps
-  if holed is not None:  # a hole state's other gaps are all closed: only the holes decide
+  if holed is not None:  # a hole state's other gaps are closed (but a hole_open share)
     closed = holed[:, None] & (noised.gap_targets == none_id)
+    if noise_cfg.hole_open > 0:
+      k_rate, k_gap = jax.random.split(jax.random.fold_in(rng, 17))
+      chance = noise_cfg.hole_open * jax.random.uniform(k_rate, (closed.shape[0], 1))
+      closed &= jax.random.uniform(k_gap, closed.shape) >= chance
     if noised.closed is not None:
       closed |= ~holed[:, None] & noised.closed
     noised = noised._replace(closed=closed)
@@ -353,9 +364,10 @@ def hole_keep(mask, rng, noise_cfg: NoiseConfig):
   """Hole states: (holed bool [B], holes bool [B, L]).
 
   A ``hole_prob`` share of the rows is holed. Each of their real tokens is a candidate with
-  the row's rate (uniform in [0, ``hole_rate``)), one random token always is, and the first
-  candidate of every run of adjacent candidates becomes a hole: at least one hole, no two
-  adjacent, so each hole is the only missing token of its gap.
+  the row's rate (uniform in [0, ``hole_rate``)), one random token always is (unless
+  ``hole_open`` > 0: then a row may have no hole), and the first candidate of every run of
+  adjacent candidates becomes a hole: no two adjacent, so each hole is the only missing
+  token of its gap.
   """
   k_on, k_rate, k_cand, k_one = jax.random.split(rng, 4)
   batch, length = mask.shape
@@ -363,8 +375,10 @@ def hole_keep(mask, rng, noise_cfg: NoiseConfig):
   rate = noise_cfg.hole_rate * jax.random.uniform(k_rate, (batch, 1))
   n = jnp.sum(mask, axis=1)
   one = jax.random.randint(k_one, (batch,), 0, jnp.maximum(n, 1))
-  cand = mask & ((jax.random.uniform(k_cand, mask.shape) < rate)
-                 | (jnp.arange(length)[None, :] == one[:, None]))
+  forced = jnp.arange(length)[None, :] == one[:, None]
+  if noise_cfg.hole_open > 0:
+    forced = jnp.zeros_like(forced)
+  cand = mask & ((jax.random.uniform(k_cand, mask.shape) < rate) | forced)
   holes = cand & ~jnp.pad(cand[:, :-1], ((0, 0), (1, 0)))
   return holed, holes & holed[:, None]
 

@@ -136,6 +136,9 @@ class SamplerConfig:
       likeliest token for its place.
     refine_parallel: each round changes every doubtful token that is more doubtful than
       both neighbours (no two adjacent), not only the most doubtful one per sample.
+    refine_edits: "replace" (a doubtful token becomes another token) or "all" (also
+      deleted when its place is likelier empty, and a token is inserted into a gap where
+      one is much likelier than nothing; needs ``noise.hole_open`` > 0 in training).
     grow_canvas: run each step on the smallest canvas window (8, 16, 32, ...
       tokens, up to ``max_len``; see `canvas_windows`) that holds every row's
       draft, instead of all ``max_len`` positions. The samples are the same
@@ -168,6 +171,7 @@ class SamplerConfig:
   refine_steps: int = 0
   refine_threshold: float = 0.1
   refine_parallel: bool = False
+  refine_edits: str = "replace"
   grow_canvas: bool = False
 
   @property
@@ -192,6 +196,9 @@ class SamplerConfig:
     if cfg.refine_steps < 0 or not 0.0 < cfg.refine_threshold <= 1.0:
       raise ValueError(f"sampler.refine_steps={cfg.refine_steps} must be >= 0 and "
                        f"sampler.refine_threshold={cfg.refine_threshold} in (0, 1].")
+    if cfg.refine_edits not in ("replace", "all"):
+      raise ValueError(f"sampler.refine_edits must be 'replace' or 'all', got "
+                       f"{cfg.refine_edits!r}.")
     if cfg.gaps not in ("all", "last"):
       raise ValueError(f"sampler.gaps must be 'all' or 'last', got {cfg.gaps!r}.")
     if not 0.0 < cfg.insert_fraction <= 1.0:
@@ -680,11 +687,11 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
       raise ValueError("sampler.refine_steps needs a model.gap_state model trained with "
                        "noise.hole_prob > 0; set sampler.refine_steps=0.")
     for _ in range(cfg.refine_steps):
-      canvas, _ = refine(model, out["canvas"], out["length"], cfg, out["given"])
+      canvas, length, given = refine(model, out["canvas"], out["length"], cfg, out["given"])
       step = jnp.minimum(out["step"] + 1, steps - 1)
-      out = dict(out, canvas=canvas, step=step, calls=out["calls"] + 1,
-                 drafts=out["drafts"].at[step].set(canvas),
-                 draft_len=out["draft_len"].at[step].set(out["length"]))
+      out = dict(out, canvas=canvas, length=length, given=given, step=step,
+                 calls=out["calls"] + 1, drafts=out["drafts"].at[step].set(canvas),
+                 draft_len=out["draft_len"].at[step].set(length))
   # Steps never taken repeat the final canvas, so drafts[-1] is always the result.
   taken = jnp.arange(steps) <= out["step"]
   drafts = jnp.where(taken[:, None, None], out["drafts"], out["canvas"][None])
@@ -695,12 +702,18 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
                  moved=out["moved"])
 
 
-def leave_one_out(model, canvas, length, cfg: SamplerConfig):
+def leave_one_out(model, canvas, length, cfg: SamplerConfig, gaps: bool = False):
   """Every token's probability given the rest: log-probabilities float32 [B, C, V+1].
 
   Row (b, i) is the model's gap distribution for canvas b with token i left out and every
   other gap closed (what ``noise.hole_prob`` states teach); rows i >= length are unused.
   Runs on the smallest window that holds every canvas, one canvas per (b, i).
+
+  With ``gaps`` (what ``sampler.refine_edits="all"`` asks, of a model trained with
+  ``noise.hole_open`` > 0), a left-out token's place may also hold ``none`` (the token is
+  superfluous), and the same call also reads each whole canvas with every gap open:
+  returns (token log-probs [B, C, V+1], gap log-probs [B, C+1, V+1], "is a token missing
+  here, and which").
   """
   none_id = model.none_id
   batch, cap = canvas.shape
@@ -715,47 +728,104 @@ def leave_one_out(model, canvas, length, cfg: SamplerConfig):
     flat = left_out.reshape(batch * w, w)
     n_flat = jnp.repeat(jnp.maximum(n - 1, 0), w)
     closed = jnp.arange(w + 1)[None, :] != jnp.tile(idx, batch)[:, None]  # only gap i open
-    logits = model(*losses.canvas_inputs(flat, n_flat), closed=closed)  # [B*W, W+1, V+1]
+    if gaps:  # the whole canvases too, every gap open
+      flat = jnp.concatenate([flat, c])
+      n_flat = jnp.concatenate([n_flat, n])
+      closed = jnp.concatenate([closed, jnp.zeros((batch, w + 1), bool)])
+    logits = model(*losses.canvas_inputs(flat, n_flat), closed=closed)  # [B*W(+B), W+1, V+1]
     hole = logits[jnp.arange(batch * w), jnp.tile(idx, batch)].reshape(batch, w, -1)
-    return jnp.pad(hole, ((0, 0), (0, 1), (0, 0)))
+    hole = jnp.pad(hole, ((0, 0), (0, 1), (0, 0)))
+    # Both on the window's W + 1 rows (in_window pads rows): token rows, then gap rows.
+    return jnp.concatenate([hole, logits[batch * w:]], axis=-1) if gaps else hole
 
-  logits = in_window(gap_logits, (canvas,), length, cfg)[:, :cap]
-  banned = _banned(none_id).at[none_id].set(True)  # a hole always holds a token
-  return jax.nn.log_softmax(jnp.where(banned, -jnp.inf, logits), axis=-1)
+  logits = in_window(gap_logits, (canvas,), length, cfg)
+  banned = _banned(none_id)
+  if not gaps:  # a hole always holds a token
+    return jax.nn.log_softmax(jnp.where(banned.at[none_id].set(True), -jnp.inf,
+                                        logits[:, :cap]), axis=-1)
+  hole, whole = jnp.split(logits, 2, axis=-1)
+  logp = lambda x: jax.nn.log_softmax(jnp.where(banned, -jnp.inf, x), axis=-1)
+  return logp(hole[:, :cap]), logp(whole)
+
+
+def remove(canvas: jax.Array, length: jax.Array, drop: jax.Array):
+  """Delete the tokens where ``drop`` (bool [B, C]): a scatter; (canvas [B, C], length [B]).
+
+  A bool canvas (a per-token flag) loses the same positions."""
+  batch, cap = canvas.shape
+  keep = (jnp.arange(cap)[None, :] < length[:, None]) & ~drop
+  dest = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, cap)
+  new = jnp.full_like(canvas, PAD_ID).at[jnp.arange(batch)[:, None], dest].set(canvas,
+                                                                               mode="drop")
+  return new, jnp.sum(keep, axis=1).astype(length.dtype)
 
 
 def refine(model, canvas, length, cfg: SamplerConfig, fixed=None):
-  """One correction round (``sampler.refine_steps``): (canvas int32 [B, C], changed bool [B]).
+  """One correction round (``sampler.refine_steps``), one model call.
 
   A token is doubtful if, given the rest of its sample (`leave_one_out`), it is less than
-  ``cfg.refine_threshold`` times as likely as the likeliest token for its place. Per sample
-  the most doubtful token (``refine_parallel``: every doubtful token more doubtful than
-  both neighbours, so no two adjacent change) becomes that likeliest token. The threshold
-  is relative: a content word with many good alternatives keeps its low probability
-  without being doubtful (an absolute threshold replaced them all by the most frequent
-  nouns: distinct-2 0.74 -> 0.32, benchmarks/README.md).
+  ``cfg.refine_threshold`` times as likely as the likeliest choice for its place, and it
+  becomes that choice. With ``refine_edits="all"`` the choice may be ``none`` (the token
+  is deleted), and a gap is doubtful if, with every gap open, ``none`` is less than
+  ``refine_threshold`` times as likely as its likeliest token (which is inserted there).
+  Tokens and gaps alternate along the sample (gap 0, token 0, gap 1, ...); per sample the
+  most doubtful of them changes (by how many times likelier the choice is), or with
+  ``refine_parallel`` every doubtful one more doubtful than both neighbours (no two
+  adjacent). The threshold is relative: a content word with many good alternatives keeps
+  its low probability without being doubtful (an absolute threshold replaced them all by
+  the most frequent nouns: distinct-2 0.74 -> 0.32, benchmarks/README.md).
 
   Args:
     model: a ``model.gap_state`` `InsertionTransformer`; canvas: int [B, C]; length: [B].
     cfg: sampler controls; fixed: optional bool [B, C], tokens that stay (the
-      conditioning's keywords, prompt or infill text).
+      conditioning's keywords, prompt or infill text); no token is inserted next to them.
+
+  Returns:
+    (canvas int32 [B, C], length int32 [B], fixed bool [B, C] moved with its tokens).
   """
   batch, cap = canvas.shape
-  logp = leave_one_out(model, canvas, length, cfg)
+  none_id = model.none_id
+  edits = cfg.refine_edits == "all"
+  if fixed is None:
+    fixed = jnp.zeros((batch, cap), bool)
+  if edits:
+    logp, gap_logp = leave_one_out(model, canvas, length, cfg, gaps=True)
+  else:
+    logp = leave_one_out(model, canvas, length, cfg)
+  log_thr = jnp.log(cfg.refine_threshold)
   current = jnp.take_along_axis(logp, canvas[..., None], axis=-1)[..., 0]  # [B, C]
-  doubtful = (jnp.arange(cap)[None, :] < length[:, None]) & (
-      current < jnp.log(cfg.refine_threshold) + jnp.max(logp, axis=-1))
-  if fixed is not None:
-    doubtful &= ~fixed
-  badness = jnp.where(doubtful, -current, -jnp.inf)
+  margin = jnp.max(logp, axis=-1) - current  # how many times (log) likelier the best is
+  doubtful = (jnp.arange(cap)[None, :] < length[:, None]) & ~fixed & (margin > -log_thr)
+  badness = jnp.where(doubtful, margin, -jnp.inf)  # [B, C]
+  if edits:  # gap g lies between tokens g - 1 and g: slots gap 0, token 0, ..., gap C
+    gap_margin = jnp.max(gap_logp[..., :-1], axis=-1) - gap_logp[..., -1]
+    gap_ok = (jnp.arange(cap + 1)[None, :] <= length[:, None]) & ~(
+        jnp.pad(fixed, ((0, 0), (1, 0))) | jnp.pad(fixed, ((0, 0), (0, 1))))
+    gap_badness = jnp.where(gap_ok & (gap_margin > -log_thr), gap_margin, -jnp.inf)
+    badness = jnp.concatenate([jnp.stack([gap_badness[:, :-1], badness], axis=-1).reshape(
+        batch, 2 * cap), gap_badness[:, -1:]], axis=1)  # [B, 2C+1]
   if cfg.refine_parallel:
     left = jnp.pad(badness[:, :-1], ((0, 0), (1, 0)), constant_values=-jnp.inf)
     right = jnp.pad(badness[:, 1:], ((0, 0), (0, 1)), constant_values=-jnp.inf)
-    pick = doubtful & (badness >= left) & (badness > right)
+    pick = (badness > -jnp.inf) & (badness >= left) & (badness > right)
   else:
-    pick = jax.nn.one_hot(jnp.argmax(badness, axis=1), cap, dtype=bool) & doubtful
-  new = jnp.where(pick, jnp.argmax(logp, axis=-1), canvas).astype(jnp.int32)
-  return new, jnp.any(new != canvas, axis=1)
+    pick = jax.nn.one_hot(jnp.argmax(badness, axis=1), badness.shape[1], dtype=bool)
+    pick &= badness > -jnp.inf
+  pick_token, pick_gap = (pick[:, 1::2], pick[:, 0::2]) if edits else (pick, None)
+  best = jnp.argmax(logp, axis=-1)
+  drop = pick_token & (best == none_id)
+  canvas = jnp.where(pick_token & ~drop, best, canvas).astype(jnp.int32)
+  if edits:
+    pick_gap, _ = keep_most_confident(pick_gap, gap_margin, cap - length)  # (before deleting)
+    gap_best = jnp.argmax(gap_logp[..., :-1], axis=-1)
+    canvas, new_length = insert(canvas, length, gap_best, pick_gap)
+    no = jnp.zeros_like(pick_gap)
+    drop, _ = insert(drop, length, no, pick_gap)
+    fixed, _ = insert(fixed, length, no, pick_gap)
+    canvas, length_out = remove(canvas, new_length, drop)
+    fixed, _ = remove(fixed, new_length, drop)
+    return canvas, length_out, fixed
+  return canvas, length, fixed
 
 
 def make_sampler(graphdef, cfg: SamplerConfig, batch_size: int):

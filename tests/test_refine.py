@@ -87,6 +87,45 @@ def test_leave_one_out_matches_one_model_call_per_left_out_token():
       np.testing.assert_allclose(got[b, i], jax.nn.log_softmax(logits), atol=2e-5)
 
 
+def _slow_refine(logp, gap_logp, tokens, length, fixed, threshold, parallel):
+  """The correction round written out per sample (a reference for `sampling.refine`)."""
+  out = []
+  for b in range(tokens.shape[0]):
+    n = int(length[b])
+    row = list(tokens[b, :n])
+    slots = []  # (margin or None, kind, index): gap 0, token 0, gap 1, ..., gap n
+    for g in range(n + 1):
+      if gap_logp is not None:  # (without gap edits tokens are each other's neighbours)
+        m = gap_logp[b, g, :NONE].max() - gap_logp[b, g, NONE]
+        ok = m > -np.log(threshold) and not (g > 0 and fixed[b, g - 1]) and not (
+            g < n and fixed[b, g])
+        slots.append((m if ok else None, "gap", g))
+      if g < n:
+        m = logp[b, g].max() - logp[b, g, row[g]]
+        ok = not fixed[b, g] and m > -np.log(threshold)
+        slots.append((m if ok else None, "token", g))
+    bad = [-np.inf if m is None else m for m, _, _ in slots]
+    if parallel:
+      picks = [k for k in range(len(slots)) if slots[k][0] is not None
+               and (k == 0 or bad[k] >= bad[k - 1]) and (k == len(slots) - 1 or bad[k] > bad[k + 1])]
+    else:
+      picks = [int(np.argmax(bad))] if bad and max(bad) > -np.inf else []
+    chosen = {(slots[k][1], slots[k][2]) for k in picks}
+    new = []
+    for g in range(n + 1):
+      if ("gap", g) in chosen:
+        new.append(int(np.argmax(gap_logp[b, g, :NONE])))
+      if g < n:
+        if ("token", g) in chosen:
+          best = int(np.argmax(logp[b, g]))
+          if best != NONE:
+            new.append(best)
+        else:
+          new.append(int(row[g]))
+    out.append(new)
+  return out
+
+
 def test_refine_changes_only_doubtful_tokens_into_the_likeliest():
   model = _model()
   tokens, mask = _batch(seed=3, batch=8, length=8)
@@ -96,27 +135,92 @@ def test_refine_changes_only_doubtful_tokens_into_the_likeliest():
   current = np.take_along_axis(logp, np.asarray(tokens)[..., None], axis=-1)[..., 0]
   doubtful = np.asarray(mask) & (current < np.log(0.9) + logp.max(axis=-1))
   assert doubtful.any()
+  no = np.zeros(tokens.shape, bool)
   for parallel in (False, True):
-    new, changed = sampling.refine(model, tokens, length,
-                                   dataclasses.replace(cfg, refine_parallel=parallel))
+    new, new_length, _ = sampling.refine(model, tokens, length,
+                                         dataclasses.replace(cfg, refine_parallel=parallel))
+    np.testing.assert_array_equal(new_length, length)  # replacements only
     diff = np.asarray(new) != np.asarray(tokens)
-    np.testing.assert_array_equal(diff.any(axis=1), np.asarray(changed))
     assert not np.any(diff & ~doubtful)
     for b, i in zip(*np.nonzero(diff)):
       assert new[b, i] == np.argmax(logp[b, i])
     if parallel:
       assert not np.any(diff[:, 1:] & diff[:, :-1])  # no two adjacent
-      assert diff.sum() >= (diff.any(axis=1)).sum()
     else:
       assert np.all(diff.sum(axis=1) <= 1)
-      # The most doubtful token of each sample is the one that changes.
-      for b in np.flatnonzero(doubtful.any(axis=1)):
-        i = np.argmin(np.where(doubtful[b], current[b], np.inf))
-        assert diff[b, i]
+    want = _slow_refine(logp, None, np.asarray(tokens), length, no, 0.9, parallel)
+    for b in range(8):
+      assert list(np.asarray(new[b, :int(length[b])])) == want[b]
   # Nothing is doubtful at a threshold of ~0, and fixed tokens stay whatever the threshold.
   tiny = dataclasses.replace(cfg, refine_threshold=1e-30)
   np.testing.assert_array_equal(sampling.refine(model, tokens, length, tiny)[0], tokens)
   np.testing.assert_array_equal(sampling.refine(model, tokens, length, cfg, mask)[0], tokens)
+
+
+def test_hole_open_states_leave_some_empty_gaps_open():
+  tokens, mask = _batch(seed=4, batch=64)
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
+  noise = losses.NoiseConfig(closed_prob=0.5, hole_prob=1.0, hole_open=1.0)
+  noised, *_ = losses.draw_states(tokens, mask, jax.random.key(0), stats,
+                                  scorers.ScorerConfig("unigram"), noise, NONE)
+  targets, closed = np.asarray(noised.gap_targets), np.asarray(noised.closed)
+  assert not np.any(closed & (targets != NONE))  # a hole (a missing token) is never closed
+  open_empty = ~closed & (targets == NONE)
+  assert open_empty.any() and (closed & (targets == NONE)).any()
+  # Some states have no hole at all (nothing missing), but their gaps still ask.
+  holes = np.sum((targets >= 0) & (targets != NONE), axis=1)
+  assert np.any((holes == 0) & open_empty.any(axis=1) & np.asarray(mask).any(axis=1))
+
+
+def test_leave_one_out_with_gaps_reads_the_whole_canvas_with_every_gap_open():
+  model = _model()
+  cfg = sampling.SamplerConfig(max_len=16, grow_canvas=True)
+  tokens, mask = _batch(seed=5, batch=3, length=16)
+  length = jnp.sum(mask, axis=1).astype(jnp.int32)
+  plain = np.asarray(sampling.leave_one_out(model, tokens, length, cfg))
+  token_logp, gap_logp = map(np.asarray, sampling.leave_one_out(model, tokens, length, cfg,
+                                                                gaps=True))
+  for b in range(3):
+    n = int(length[b])
+    # Token rows are the same distributions, except that none is allowed.
+    np.testing.assert_allclose(
+        token_logp[b, :n, :NONE] - np.logaddexp.reduce(token_logp[b, :n, :NONE], axis=-1,
+                                                       keepdims=True),
+        plain[b, :n, :NONE], atol=2e-5)
+    logits = model(*losses.canvas_inputs(tokens[b:b + 1], length[b:b + 1]),
+                   closed=jnp.zeros((1, 17), bool))[0, :n + 1]
+    logits = logits.at[:, jnp.array([0, 1, 2, 3])].set(-jnp.inf)
+    np.testing.assert_allclose(gap_logp[b, :n + 1], jax.nn.log_softmax(logits), atol=2e-5)
+
+
+def test_refine_edits_delete_and_insert_like_the_slow_reference():
+  model = _model()
+  model.none_embed[...] = 4.0 * model.none_embed[...]  # some places are likelier empty
+  tokens, mask = _batch(seed=6, batch=8, length=6)
+  tokens = jnp.pad(tokens, ((0, 0), (0, 10)))  # room for every insertion
+  mask = np.pad(np.asarray(mask), ((0, 0), (0, 10)))
+  length = jnp.asarray(mask.sum(axis=1), jnp.int32)
+  fixed = np.zeros((8, 16), bool)
+  fixed[0, 1] = fixed[5, 0] = True
+  fixed &= mask
+  cfg = sampling.SamplerConfig(max_len=16, refine_threshold=0.5, refine_edits="all")
+  logp, gap_logp = map(np.asarray, sampling.leave_one_out(model, tokens, length, cfg,
+                                                          gaps=True))
+  seen = set()
+  for parallel in (False, True):
+    new, new_length, new_fixed = sampling.refine(
+        model, tokens, length, dataclasses.replace(cfg, refine_parallel=parallel),
+        jnp.asarray(fixed))
+    want = _slow_refine(logp, gap_logp, np.asarray(tokens), length, fixed, 0.5, parallel)
+    for b in range(8):
+      got = list(np.asarray(new[b, :int(new_length[b])]))
+      assert got == want[b], (b, parallel)
+      assert np.all(np.asarray(new[b, int(new_length[b]):]) == 0)
+      # The fixed tokens are still there, in order, and still fixed.
+      kept = list(np.asarray(tokens[b])[fixed[b]])
+      assert list(np.asarray(new[b])[np.asarray(new_fixed[b])]) == kept
+      seen.add(np.sign(int(new_length[b]) - int(length[b])))
+  assert seen >= {-1, 1}, seen  # both deletions and insertions happened
 
 
 def test_sampler_refine_rounds_add_one_call_each_and_keep_keywords():
