@@ -108,9 +108,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # most of a hole state's tokens that may be left out. hole_open: the most of a hole
   # state's empty gaps left open (target none; then a state may have no hole), so the model
   # also learns whether anything is missing (sampler.refine_edits="all").
-  c.noise.hole_prob = 0.0
+  c.noise.hole_prob = 0.2
   c.noise.hole_rate = 0.5
-  c.noise.hole_open = 0.0
+  c.noise.hole_open = 1.0
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time

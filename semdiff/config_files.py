@@ -70,7 +70,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 # Fields whose default changed when they were added: a saved config that predates one ran
 # with this value, not with today's default (its checkpoint has no closed-gap parameters).
-LEGACY_VALUES = {"model.gap_state": False, "noise.closed_prob": 0.0}
+LEGACY_VALUES = {"model.gap_state": False, "noise.closed_prob": 0.0, "noise.hole_prob": 0.0,
+                 "noise.hole_open": 0.0}
 
 
 def with_defaults(saved: Mapping[str, Any], path: str = DEFAULT) -> ml_collections.ConfigDict:

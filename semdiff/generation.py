@@ -82,7 +82,8 @@ def records(samples: sampling.Samples, texts: list, tokenizer) -> list[dict]:
            "drafts": sampling.draft_texts(samples, i, tokenizer.decode)}
     if samples.inserted is not None:
       steps = []
-      for k in range(1, int(samples.calls[i]) + 1):
+      # (correction rounds past max_steps share the last row: calls may exceed the rows)
+      for k in range(1, min(int(samples.calls[i]), samples.inserted.shape[0] - 1) + 1):
         ins = samples.inserted[k, i]
         where = np.flatnonzero(ins >= 0)
         steps.append({"inserted": tokenizer.pieces(ins[where].tolist()),

@@ -253,3 +253,20 @@ def test_refine_needs_a_gap_state_model():
     sampling.sample(model, jax.random.key(0), cfg, batch_size=2)
   with pytest.raises(ValueError, match="refine_threshold"):
     sampling.SamplerConfig.from_config({"refine_threshold": 0.0})
+
+
+def test_records_of_rounds_past_max_steps():
+  """Correction rounds after a sample that used every step: more calls than draft rows."""
+  from semdiff import generation  # pylint: disable=g-import-not-at-top
+
+  class Tokenizer:
+    decode = staticmethod(lambda ids: " ".join(map(str, ids)))
+    pieces = staticmethod(lambda ids: [str(i) for i in ids])
+
+  cfg = sampling.SamplerConfig(max_len=16, max_steps=2, refine_steps=2, refine_threshold=0.9)
+  out = sampling.sample(_model(), jax.random.key(0), cfg, batch_size=3)
+  assert int(np.max(out.calls)) > out.drafts.shape[0] - 1
+  texts = [Tokenizer.decode(list(np.asarray(out.tokens[i, :int(out.length[i])])))
+           for i in range(3)]
+  recs = generation.records(out, texts, Tokenizer)
+  assert [r["calls"] for r in recs] == list(np.asarray(out.calls))
