@@ -162,6 +162,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # select="sample": an all-none step stops only if every open gap has p(none) >= this;
   # else the gap least sure of none inserts its likeliest token (0 = off).
   c.sampler.stop_confidence = 0.95
+  c.sampler.stop_rescues = 4         # at most this many such insertions per sample (0 = any)
   # Correction rounds after a sample is finished (needs noise.hole_prob > 0 in training),
   # one model call each: a token less than refine_threshold times as likely (given the rest
   # of the sample) as the likeliest token for its place becomes that token; the most

@@ -127,6 +127,9 @@ class SamplerConfig:
       step stops). Against samples that stop one step short of a sentence, e.g. "the
       boy ." (a gap that is unsure it is empty still said ``none`` by chance). The
       other ``select`` modes, whose ``none`` closes its gap, ignore it.
+    stop_rescues: at most this many such forced insertions per sample (0 = no limit).
+      Without a limit a chain of them can run away: every forced adjective opens two
+      more gaps that are unsure they are empty ("a big pretty big pretty big ...").
     refine_steps: correction rounds after the sample is finished (``model.gap_state``
       models trained with ``noise.hole_prob`` > 0; see `refine`), one model call each:
       every token is left out in turn (one canvas each, all in the same call) and the
@@ -168,6 +171,7 @@ class SamplerConfig:
   stop_filter: str = "joint"
   none_bias: float = 0.0
   stop_confidence: float = 0.0
+  stop_rescues: int = 0
   refine_steps: int = 0
   refine_threshold: float = 0.1
   refine_parallel: bool = False
@@ -191,8 +195,9 @@ class SamplerConfig:
     if cfg.select not in SELECT_MODES:
       raise ValueError(f"sampler.select must be one of {', '.join(SELECT_MODES)}, got "
                        f"{cfg.select!r}.")
-    if not 0.0 <= cfg.stop_confidence <= 1.0:
-      raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1].")
+    if not 0.0 <= cfg.stop_confidence <= 1.0 or cfg.stop_rescues < 0:
+      raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1] and "
+                       f"sampler.stop_rescues={cfg.stop_rescues} >= 0.")
     if cfg.refine_steps < 0 or not 0.0 < cfg.refine_threshold <= 1.0:
       raise ValueError(f"sampler.refine_steps={cfg.refine_steps} must be >= 0 and "
                        f"sampler.refine_threshold={cfg.refine_threshold} in (0, 1].")
@@ -574,6 +579,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
               # The start's own tokens (keywords, prompt, infill text): never refined.
               given=jnp.arange(cap)[None, :] < start_length[:, None],
               reserved=jnp.zeros((batch_size, cap + 1), bool),
+              rescued=jnp.zeros((batch_size,), jnp.int32),
               sum=embed_sum(start, start_length), drafts=drafts, draft_len=draft_len,
               inserted=jnp.full((steps, batch_size, cap + 1), -1, jnp.int32),
               inserted_prob=jnp.zeros((steps, batch_size, cap + 1), jnp.float32),
@@ -595,6 +601,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
     open_gaps = s["open"]
     reserved = s["reserved"]
     wanted_any = jnp.zeros((batch_size,), bool)
+    rescued = s["rescued"]
     live = active[:, None] & open_gaps & (gap <= s["length"][:, None])  # gaps still deciding
     if cfg.gaps == "last":
       live &= gap == s["length"][:, None]
@@ -635,6 +642,9 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
         none_logp = jnp.where(live, logp[..., -1], jnp.inf)
         unsure = jnp.min(none_logp, axis=1) < jnp.log(cfg.stop_confidence)
         forced = unsure & ~jnp.any(do_insert, axis=1)
+        if cfg.stop_rescues > 0:
+          forced &= s["rescued"] < cfg.stop_rescues
+        rescued = s["rescued"] + forced.astype(jnp.int32)
         pick = jax.nn.one_hot(jnp.argmin(none_logp, axis=1), cap + 1, dtype=bool)
         best = jnp.argmax(logp[..., :-1], axis=-1)
         choice = jnp.where(forced[:, None] & pick, best, choice)
@@ -673,7 +683,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
         calls=s["calls"] + active.astype(jnp.int32),
         logprob=s["logprob"] + jnp.sum(jnp.where(do_insert, chosen_logp, 0.0), axis=1),
         step=step, keys=s["keys"], open=new_open, given=given, reserved=new_reserved,
-        sum=new_sum,
+        rescued=rescued, sum=new_sum,
         drafts=s["drafts"].at[step].set(canvas),
         draft_len=s["draft_len"].at[step].set(length),
         inserted=s["inserted"].at[step].set(jnp.where(do_insert, choice, -1).astype(jnp.int32)),

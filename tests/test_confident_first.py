@@ -217,3 +217,13 @@ def test_an_all_none_step_stops_only_when_every_gap_is_sure(stop_confidence, gro
     np.testing.assert_array_equal(length, [0, 0])
   with pytest.raises(ValueError, match="stop_confidence"):
     sampling.SamplerConfig.from_config({"stop_confidence": 1.5})
+
+
+def test_stop_rescues_caps_the_forced_insertions_per_sample():
+  cfg = sampling.SamplerConfig(temperature=0.0, max_len=8, max_steps=5, stop_confidence=0.7,
+                               stop_rescues=2)
+  out = sampling.sample(UnsureNone(), jax.random.key(0), cfg, batch_size=2)
+  np.testing.assert_array_equal(out.length, [2, 2])  # two rescues, then the all-none stop
+  np.testing.assert_array_equal(out.calls, [3, 3])
+  with pytest.raises(ValueError, match="stop_rescues"):
+    sampling.SamplerConfig.from_config({"stop_rescues": -1})
