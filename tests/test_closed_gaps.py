@@ -98,6 +98,7 @@ def test_model_reads_closed_gaps_only_when_built_for_them():
     _model(gap_state=False)(*inputs, closed=some)
 
 
+@pytest.mark.slow
 def test_training_with_closed_gaps_packs_like_unpacked():
   tokens, mask = _batch(seed=9)
   model = _model()

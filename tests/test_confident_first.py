@@ -120,7 +120,7 @@ def _constant_lengths(cfg, batch=512):
   return out
 
 
-@pytest.mark.parametrize("select", ["reserve", "level"])
+@pytest.mark.parametrize("select", ["reserve", pytest.param("level", marks=pytest.mark.slow)])
 def test_reserve_selection_keeps_the_length_of_the_parallel_process(select):
   base = sampling.SamplerConfig(temperature=1.0, max_len=64, max_steps=64, select=select)
   expected = 0.3 / (1.0 - 2 * 0.3)

@@ -107,7 +107,7 @@ def kill_in_save(workdir, nth, log):
 # Seeds whose draws spread over the run: save 2 (step 6) and the final save (step 9); steps
 # 2 (before the first checkpoint), 4, 5 and 6 (a checkpoint step).
 @pytest.mark.parametrize("where, seed", [
-    ("save", 1),
+    pytest.param("save", 1, marks=pytest.mark.slow),
     pytest.param("save", 0, marks=pytest.mark.slow),
     pytest.param("step", 11, marks=pytest.mark.slow),
     pytest.param("step", 9, marks=pytest.mark.slow),

@@ -15,7 +15,8 @@ from fakes import V
 from fakes import random_batch as _batch
 
 
-@pytest.mark.parametrize("scorer,k", [("unigram", 2), ("random", 1)])
+@pytest.mark.parametrize("scorer,k", [("unigram", 2),
+                                     pytest.param("random", 1, marks=pytest.mark.slow)])
 def test_packed_and_unpacked_losses_agree(scorer, k):
   tokens, mask = _batch()
   model = model_lib.build("insertion", model_lib.ModelConfig(

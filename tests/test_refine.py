@@ -255,6 +255,7 @@ def test_refine_needs_a_gap_state_model():
     sampling.SamplerConfig.from_config({"refine_threshold": 0.0})
 
 
+@pytest.mark.slow
 def test_records_of_rounds_past_max_steps():
   """Correction rounds after a sample that used every step: more calls than draft rows."""
   from semdiff import generation  # pylint: disable=g-import-not-at-top

@@ -100,6 +100,7 @@ def test_one_pass_equals_every_level_canvas():
       np.testing.assert_allclose(part[0, 0], full[b, 0], rtol=1e-4, atol=1e-4)  # BOS
 
 
+@pytest.mark.slow
 def test_packed_and_unpacked_tree_losses_agree():
   tokens, mask, _ = _batch(4, batch=12, length=12)
   model = _model()
@@ -155,6 +156,7 @@ class _Stopping:
     return self._stop(self.model.gap_logits(tokens, segment_ids, times))
 
 
+@pytest.mark.slow
 def test_sampler_log_prob_is_the_teacher_forced_path():
   model = _Stopping(_model(5))
   cfg = sampling.SamplerConfig(max_steps=24, max_len=24)
