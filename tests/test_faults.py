@@ -106,14 +106,9 @@ def kill_in_save(workdir, nth, log):
 
 # Seeds whose draws spread over the run: save 2 (step 6) and the final save (step 9); steps
 # 2 (before the first checkpoint), 4, 5 and 6 (a checkpoint step).
+@pytest.mark.slow
 @pytest.mark.parametrize("where, seed", [
-    pytest.param("save", 1, marks=pytest.mark.slow),
-    pytest.param("save", 0, marks=pytest.mark.slow),
-    pytest.param("step", 11, marks=pytest.mark.slow),
-    pytest.param("step", 9, marks=pytest.mark.slow),
-    pytest.param("step", 1, marks=pytest.mark.slow),
-    pytest.param("step", 5, marks=pytest.mark.slow),
-])
+    ("save", 1), ("save", 0), ("step", 11), ("step", 9), ("step", 1), ("step", 5)])
 def test_killed_run_resumes_with_the_same_metrics(reference, tmp_path, where, seed):
   rng = np.random.default_rng(seed)
   workdir = str(tmp_path / "run")
