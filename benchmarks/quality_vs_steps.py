@@ -146,7 +146,12 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
     config_files.apply_overrides(config, dict(item.split("=", 1) for item in _OVERRIDES.value))
   workdir = os.path.join(out_dir, kind)
   plan_path = os.path.join(out_dir, f"{kind}_plan.json")
-  if os.path.exists(plan_path):  # the step count of an earlier (maybe interrupted) run
+  # A resumed run keeps the step count it started with (its schedule depends on it); a run
+  # with no checkpoint yet times its steps again, so a timing taken under other load (or on
+  # another machine) does not carry over.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  started = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+  if started and os.path.exists(plan_path):
     with open(plan_path) as f:
       plan = json.load(f)
   else:
