@@ -126,6 +126,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
   c.model.gap_state = True          # insertion model: also reads the gaps known to be empty
+  c.model.gap_slots = False         # insertion model: a position per gap (sequence 2T-1)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from semdiff.data.tokenizer import PAD_ID
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -51,6 +53,9 @@ class ModelConfig:
     gap_state: the insertion model also reads which gaps are known to be empty (closed
       gaps: a sampler's decided ``none``s, the bound's earlier levels), as two learned
       vectors added to each closed gap's two neighbours (see `InsertionTransformer`).
+    gap_slots: the insertion model gives every gap a position of its own between its two
+      neighbours (a learned slot vector; the sequence is 2T-1 long), so each gap has a
+      hidden state through every layer instead of being read off its neighbours at the end.
   """
 
   vocab_size: int
@@ -63,6 +68,7 @@ class ModelConfig:
   remat: bool = False
   rope_base: float = 10000.0
   gap_state: bool = False
+  gap_slots: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
@@ -257,6 +263,8 @@ class InsertionTransformer(nnx.Module):
                             ("embed", "vocab"))
     if cfg.gap_state:  # [closed gap after me, closed gap before me]
       self.closed_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
+    if cfg.gap_slots:  # [open gap slot, closed gap slot]
+      self.slot_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
 
   @property
   def none_id(self) -> int:
@@ -279,11 +287,13 @@ class InsertionTransformer(nnx.Module):
     """
     cfg = self.cfg
     dt = cfg.compute_dtype
+    if closed is not None and not cfg.gap_state:
+      raise ValueError("This model was built without model.gap_state: it cannot read "
+                       "closed gaps.")
+    if cfg.gap_slots:
+      return self._slot_logits(tokens, segment_ids, positions, closed)
     extra = None
     if closed is not None:
-      if not cfg.gap_state:
-        raise ValueError("This model was built without model.gap_state: it cannot read "
-                         "closed gaps.")
       c = closed.astype(jnp.float32)
       after = jnp.pad(c, ((0, 0), (0, 1)))   # position t: gap t (after t) is closed
       before = jnp.pad(c, ((0, 0), (1, 0)))  # position t: gap t-1 (before t) is closed
@@ -291,6 +301,29 @@ class InsertionTransformer(nnx.Module):
       extra = after[..., None] * table[0] + before[..., None] * table[1]
     h = self.backbone(tokens, segment_ids, positions, causal=False, extra=extra)
     pair = jnp.concatenate([h[:, :-1], h[:, 1:]], axis=-1)
+    g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair, self.gap_in[...].astype(dt))))
+    return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
+
+  def _slot_logits(self, tokens, segment_ids, positions, closed):
+    """`__call__` with a slot per gap: the canvas interleaved as t0 g0 t1 g1 ... t(T-1)."""
+    b, t = tokens.shape
+    dt = self.cfg.compute_dtype
+    # A gap is real where both neighbours share a segment; its slot sits at 2p + 1.
+    gap_seg = jnp.where(segment_ids[:, :-1] == segment_ids[:, 1:], segment_ids[:, :-1], 0)
+    c = (jnp.zeros((b, t - 1)) if closed is None else closed.astype(jnp.float32))[..., None]
+    slot = (1.0 - c) * self.slot_embed[0] + c * self.slot_embed[1]  # [B, T-1, D]
+
+    def interleave(a, between):
+      tail = a[:, -1:]
+      pairs = jnp.stack([a[:, :-1], between], axis=2).reshape(b, 2 * (t - 1), *a.shape[2:])
+      return jnp.concatenate([pairs, tail], axis=1)
+
+    seq_tokens = interleave(tokens, jnp.full((b, t - 1), PAD_ID, tokens.dtype))
+    seq_segments = interleave(segment_ids, gap_seg)
+    seq_positions = interleave(2 * positions, 2 * positions[:, :-1] + 1)
+    extra = interleave(jnp.zeros((b, t, slot.shape[-1])), slot)
+    h = self.backbone(seq_tokens, seq_segments, seq_positions, causal=False, extra=extra)
+    pair = jnp.concatenate([h[:, 1::2], h[:, 0:-1:2] + h[:, 2::2]], axis=-1)
     g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair, self.gap_in[...].astype(dt))))
     return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
 

@@ -19,6 +19,7 @@ from semdiff.data.tokenizer import BOS_ID, EOS_ID
 V = 40
 CFG = model_lib.ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
 KINDS = ("insertion", "causal")
+SLOTS = dataclasses.replace(CFG, gap_state=True, gap_slots=True)  # a position per gap
 W = 14  # row width of every test input, so that each model compiles once
 
 
@@ -63,7 +64,7 @@ def _build(kind, cfg=CFG, seed=0):
 
 @pytest.fixture(scope="module")
 def models():
-  return {kind: _build(kind) for kind in KINDS}
+  return {**{kind: _build(kind) for kind in KINDS}, "slots": _build("insertion", SLOTS)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -87,7 +88,7 @@ def test_output_shapes_and_dtypes(models):
   assert np.isfinite(gaps).all() and np.isfinite(nxt).all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("slots",))
 def test_other_segments_and_padding_do_not_leak(models, kind):
   model = models[kind]
   a, b = _canvas(5, 6, 7, 8), _canvas(9, 10, 11)
@@ -98,7 +99,7 @@ def test_other_segments_and_padding_do_not_leak(models, kind):
   # Padding tokens changed (still segment 0): nothing changes.
   changed_pad = (base[0].at[:, 11:].set(33), base[1], base[2])
   out_b, out_pad = _run(model, changed_b), _run(model, changed_pad)
-  if kind == "insertion":
+  if kind != "causal":
     in_a = slice(0, len(a) - 1)  # gaps with both neighbours in a
     in_b = slice(len(a), len(a) + len(b) - 1)
   else:
@@ -109,15 +110,30 @@ def test_other_segments_and_padding_do_not_leak(models, kind):
   np.testing.assert_allclose(out_pad[:, in_b], out[:, in_b], atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("slots",))
 def test_packed_segment_equals_the_same_canvas_alone(models, kind):
   """A canvas packed after another gives the outputs it gives alone (positions restart)."""
   model = models[kind]
   a, b = _canvas(5, 6, 7), _canvas(9, 10, 11, 12)
   packed = _run(model, _pack([[a, b]]))
   alone = _run(model, _pack([[b]]))
-  n = len(b) - 1 if kind == "insertion" else len(b)
+  n = len(b) - 1 if kind != "causal" else len(b)
   np.testing.assert_allclose(packed[:, len(a):len(a) + n], alone[:, :n], atol=1e-5)
+
+
+def test_gap_slots_hear_closed_gaps_of_their_own_segment_only(models):
+  """A slot model's closed gaps change its outputs, and only inside their segment."""
+  model = models["slots"]
+  a, b = _canvas(5, 6, 7), _canvas(9, 10, 11, 12)
+  inputs = _pack([[a, b]])
+  run = jax.jit(lambda m, c: m(*inputs, closed=c))
+  closed = np.zeros((1, W - 1), bool)
+  base = np.asarray(run(model, jnp.asarray(closed)))
+  closed[0, len(a) + 1] = True  # b's second gap
+  out = np.asarray(run(model, jnp.asarray(closed)))
+  np.testing.assert_allclose(out[:, :len(a) - 1], base[:, :len(a) - 1], atol=1e-6)
+  assert not np.allclose(out[:, len(a):len(a) + len(b) - 1],
+                         base[:, len(a):len(a) + len(b) - 1], atol=1e-3)
 
 
 def test_causal_model_does_not_see_the_future(models):
