@@ -85,6 +85,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.noise.frontier_prob = 0.5       # share of partial-level (frontier) training states
   c.noise.frontier_kind = "both"    # "level" (level + some of the next), "tree" (any), "both"
   c.noise.embed_loss_weight = 0.0   # lambda of the embedding-distance loss
+  # Weight of the span loss: each gap also predicts every token it still lacks (needs
+  # model.span_head; 0 = off).
+  c.noise.span_loss_weight = 0.0
   # Levels drawn per example per step. 1 with twice the examples beat 2 at the same compute
   # (3000 steps: bound 44.19 vs 44.36, 61.3% vs 57.4% grammatical; benchmarks/README.md).
   c.noise.states_per_example = 1
@@ -127,6 +130,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.model.remat = False             # rematerialise blocks in the backward pass
   c.model.gap_state = True          # insertion model: also reads the gaps known to be empty
   c.model.gap_slots = False         # insertion model: a position per gap (sequence 2T-1)
+  c.model.span_head = False         # insertion model: a head for noise.span_loss_weight
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3

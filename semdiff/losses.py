@@ -36,6 +36,11 @@ class NoiseConfig:
       fraction of the depth-h tokens), "tree" (any parent-closed subset, see
       `noising.tree_frontier_keep`) or "both" (half each).
     embed_loss_weight: lambda of the embedding-distance loss.
+    span_loss_weight: weight of the span loss (``model.span_head`` models): -log q(token)
+      for every token a state's canvas lacks, q the span head's distribution at the
+      token's gap, each token weighted like one gap of the gap loss. Each gap then learns
+      the whole of what it still lacks, not only its next token: more signal from the
+      same forward pass. 0 = off.
     states_per_example: training states (levels) drawn per example per step.
     pack_rows: pack the canvases into this many rows of width L + 2 (several
       canvases per row, attention kept inside each); 0 = one canvas per row.
@@ -85,6 +90,7 @@ class NoiseConfig:
   frontier_prob: float = 0.0
   frontier_kind: str = "level"
   embed_loss_weight: float = 0.0
+  span_loss_weight: float = 0.0
   states_per_example: int = 1
   pack_rows: int = 0
   causal_pack_rows: int = 0
@@ -161,6 +167,7 @@ class Packed(NamedTuple):
     gap_source: int32 [R, W-1], index of the canvas the gap belongs to, or -1.
     dropped: int32 [], canvases that did not fit (their gaps are left out).
     extra: more target arrays packed like ``gap_targets`` (-1 = none there).
+    canvas_row, canvas_offset: int32 [N], where each canvas starts (row ``rows``: dropped).
   """
 
   tokens: jax.Array
@@ -170,6 +177,8 @@ class Packed(NamedTuple):
   gap_source: jax.Array
   dropped: jax.Array
   extra: tuple = ()
+  canvas_row: Optional[jax.Array] = None
+  canvas_offset: Optional[jax.Array] = None
 
 
 def pack(tokens, segment_ids, positions, gap_targets, *, rows: int, extra=()) -> Packed:
@@ -214,7 +223,8 @@ def pack(tokens, segment_ids, positions, gap_targets, *, rows: int, extra=()) ->
       gap_targets=scatter(gap_targets, -1, gap_valid),
       gap_source=scatter(source, -1, gap_valid),
       dropped=jnp.sum(~fits & (lengths > 0)).astype(jnp.int32),
-      extra=tuple(scatter(e, -1, (e >= 0) & fits[:, None]) for e in extra))
+      extra=tuple(scatter(e, -1, (e >= 0) & fits[:, None]) for e in extra),
+      canvas_row=jnp.minimum(row, rows), canvas_offset=offset)
 
 
 def gap_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -442,7 +452,8 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   else:
     source = jnp.where(targets >= 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
     dropped = jnp.int32(0)
-  logits = model(*inputs, closed=closed)  # [rows, T-1, V+1]
+  features = model.gap_features(*inputs, closed=closed)  # [rows, T-1, D]
+  logits = model.gap_logits(features)  # [rows, T-1, V+1]
   valid = targets >= 0
   nll = gap_nll(logits, targets)
   num_gaps = jnp.sum(valid)
@@ -457,6 +468,12 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     embed = jnp.sum(distance) / jnp.maximum(num_gaps, 1)
     per_gap = per_gap + noise_cfg.embed_loss_weight * distance
   loss = jnp.sum(gap_weight * per_gap) / jnp.maximum(weight_sum, 1e-9)
+  span_sum = span_count = jnp.float32(0.0)
+  if noise_cfg.span_loss_weight:
+    # Normalised like the gap loss (by the gaps' weight), so that micro-batches add up.
+    span_sum, span_count = span_nll(model, features, tokens, noised.span_gap,
+                                    packed if noise_cfg.pack_rows else None)
+    loss = loss + noise_cfg.span_loss_weight * span_sum / jnp.maximum(weight_sum, 1e-9)
   correct = (jnp.argmax(logits, axis=-1) == targets) & valid
   # Per-state sums (dropped states have none), for the NLL-bound estimate.
   state_nll = jax.ops.segment_sum(nll.ravel(), jnp.where(valid, source, num).ravel(),
@@ -474,6 +491,8 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
       "loss_weight": weight_sum,
       "gap_correct": jnp.sum(correct).astype(jnp.float32),
       "embed_distance": embed,
+      "span_nll_sum": span_sum,
+      "span_count": span_count,
       "nll_bound_sum": jnp.sum(jnp.where(counted, path_nll, 0.0)),
       "nll_bound_tokens": jnp.sum(jnp.where(counted, n_tokens + 1, 0)).astype(jnp.float32),
       "nll_bound_sentences": jnp.sum(counted).astype(jnp.float32),
@@ -484,6 +503,32 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
       "mean_height": jnp.mean(height.astype(jnp.float32)),
   }
   return loss, metrics
+
+
+def span_nll(model, features, tokens, span_gap, packed: Optional[Packed]):
+  """(sum, count) of -log q(token) over every token the canvases lack, q the span head's
+  distribution at the token's gap.
+
+  Args:
+    model: a ``model.span_head`` `InsertionTransformer`.
+    features: [R, T-1, D] gap features of the (packed or unpacked) rows.
+    tokens: int32 [N, L], the examples of the N canvases.
+    span_gap: int32 [N, L], `noising.Noised.span_gap` (-1 = not missing).
+    packed: the layout of the rows, or None (one canvas per row).
+  """
+  num = tokens.shape[0]
+  if packed is None:
+    row, offset = jnp.arange(num, dtype=jnp.int32), jnp.zeros((num,), jnp.int32)
+    fits = jnp.ones((num,), bool)
+  else:
+    row, offset = packed.canvas_row, packed.canvas_offset
+    fits = row < features.shape[0]
+  missing = (span_gap >= 0) & fits[:, None]
+  logq = jax.nn.log_softmax(model.span_logits(features), axis=-1)  # [R, T-1, V]
+  r = jnp.broadcast_to(jnp.minimum(row, features.shape[0] - 1)[:, None], span_gap.shape)
+  c = jnp.clip(offset[:, None] + span_gap, 0, features.shape[1] - 1)
+  nll = -logq[r, c, tokens]
+  return jnp.sum(jnp.where(missing, nll, 0.0)), jnp.sum(missing).astype(jnp.float32)
 
 
 def tree_inputs(tokens, mask, depth, child, root, none_id: int):

@@ -56,6 +56,9 @@ class ModelConfig:
     gap_slots: the insertion model gives every gap a position of its own between its two
       neighbours (a learned slot vector; the sequence is 2T-1 long), so each gap has a
       hidden state through every layer instead of being read off its neighbours at the end.
+    span_head: the insertion model also has a second output head over each gap's features,
+      trained (``noise.span_loss_weight``) to predict every token the gap still lacks, not
+      only the one to insert next (`InsertionTransformer.span_logits`).
   """
 
   vocab_size: int
@@ -69,6 +72,7 @@ class ModelConfig:
   rope_base: float = 10000.0
   gap_state: bool = False
   gap_slots: bool = False
+  span_head: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
@@ -265,13 +269,36 @@ class InsertionTransformer(nnx.Module):
       self.closed_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
     if cfg.gap_slots:  # [open gap slot, closed gap slot]
       self.slot_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
+    if cfg.span_head:
+      self.span_in = _param(rngs, nnx.initializers.lecun_normal(), (d, d), (None, "embed"))
 
   @property
   def none_id(self) -> int:
     return self.cfg.vocab_size
 
   def __call__(self, tokens, segment_ids, positions, closed=None):
-    """Gap logits.
+    """Gap logits (see `gap_features` for the arguments): float32 [B, T-1, V+1]."""
+    return self.gap_logits(self.gap_features(tokens, segment_ids, positions, closed))
+
+  def gap_logits(self, features: jax.Array) -> jax.Array:
+    """Logits over the vocabulary and ``none``, float32 [..., V+1], from gap features [..., D]."""
+    dt = self.cfg.compute_dtype
+    return jnp.einsum("...d,vd->...v", features,
+                      self.output_table().astype(dt)).astype(jnp.float32)
+
+  def span_logits(self, features: jax.Array) -> jax.Array:
+    """``model.span_head`` models: logits float32 [..., V] of "a token this gap still lacks"
+    (any of them, not only the next), from gap features [..., D]."""
+    if not self.cfg.span_head:
+      raise ValueError("This model was built without model.span_head: set "
+                       "--config.model.span_head=True to train noise.span_loss_weight.")
+    dt = self.cfg.compute_dtype
+    f = jnp.einsum("...c,cd->...d", features, self.span_in[...].astype(dt))
+    table = self.output_table()[:self.cfg.vocab_size].astype(dt)
+    return jnp.einsum("...d,vd->...v", f, table).astype(jnp.float32)
+
+  def gap_features(self, tokens, segment_ids, positions, closed=None):
+    """Every gap's features, the input of the output heads.
 
     Args:
       tokens: int [B, T], canvases ``[BOS] x [EOS]`` (one or more per row).
@@ -281,9 +308,8 @@ class InsertionTransformer(nnx.Module):
         models only; None = no gap is known).
 
     Returns:
-      float32 [B, T-1, V+1]: logits of gap g, between positions g and g+1;
-      meaningful where both neighbours are in the same segment and the left
-      one is not EOS.
+      [B, T-1, D] in the compute dtype: features of gap g, between positions g and g+1;
+      meaningful where both neighbours are in the same segment and the left one is not EOS.
     """
     cfg = self.cfg
     dt = cfg.compute_dtype
@@ -291,7 +317,7 @@ class InsertionTransformer(nnx.Module):
       raise ValueError("This model was built without model.gap_state: it cannot read "
                        "closed gaps.")
     if cfg.gap_slots:
-      return self._slot_logits(tokens, segment_ids, positions, closed)
+      return self._slot_features(tokens, segment_ids, positions, closed)
     extra = None
     if closed is not None:
       c = closed.astype(jnp.float32)
@@ -301,11 +327,11 @@ class InsertionTransformer(nnx.Module):
       extra = after[..., None] * table[0] + before[..., None] * table[1]
     h = self.backbone(tokens, segment_ids, positions, causal=False, extra=extra)
     pair = jnp.concatenate([h[:, :-1], h[:, 1:]], axis=-1)
-    g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair, self.gap_in[...].astype(dt))))
-    return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
+    return self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair,
+                                                self.gap_in[...].astype(dt))))
 
-  def _slot_logits(self, tokens, segment_ids, positions, closed):
-    """`__call__` with a slot per gap: the canvas interleaved as t0 g0 t1 g1 ... t(T-1)."""
+  def _slot_features(self, tokens, segment_ids, positions, closed):
+    """`gap_features` with a slot per gap: the canvas interleaved as t0 g0 t1 g1 ... t(T-1)."""
     b, t = tokens.shape
     dt = self.cfg.compute_dtype
     # A gap is real where both neighbours share a segment; its slot sits at 2p + 1.
@@ -324,8 +350,8 @@ class InsertionTransformer(nnx.Module):
     extra = interleave(jnp.zeros((b, t, slot.shape[-1])), slot)
     h = self.backbone(seq_tokens, seq_segments, seq_positions, causal=False, extra=extra)
     pair = jnp.concatenate([h[:, 1::2], h[:, 0:-1:2] + h[:, 2::2]], axis=-1)
-    g = self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair, self.gap_in[...].astype(dt))))
-    return jnp.einsum("btd,vd->btv", g, self.output_table().astype(dt)).astype(jnp.float32)
+    return self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair,
+                                                self.gap_in[...].astype(dt))))
 
   def output_table(self) -> jax.Array:
     """[V+1, D]: output embedding of every id, ``none`` last."""

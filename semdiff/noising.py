@@ -39,12 +39,15 @@ class Noised(NamedTuple):
     length: int32 [B], number of kept tokens n.
     closed: optional bool [B, L+1], gaps the model is told are empty (their
       target is ``none_id``; training states with known closed gaps), or None.
+    span_gap: optional int32 [B, L]: for each token of x the canvas lacks, the gap it
+      belongs to; -1 on kept tokens and padding.
   """
 
   canvas: jax.Array
   gap_targets: jax.Array
   length: jax.Array
   closed: Optional[jax.Array] = None
+  span_gap: Optional[jax.Array] = None
 
 
 def ancestors(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -146,7 +149,8 @@ def noise_to_keep(
   gaps = jnp.arange(length + 1)[None, :]
   targets = jnp.where(gaps <= n[:, None], jnp.int32(none_id), jnp.int32(-1))
   targets = targets.at[rows, jnp.where(is_root, gap, length + 1)].set(tokens, mode="drop")
-  return Noised(canvas=canvas, gap_targets=targets, length=n)
+  return Noised(canvas=canvas, gap_targets=targets, length=n,
+                span_gap=jnp.where(candidate, kept_before, -1))
 
 
 def gap_boundary_depth(depth: jax.Array, keep: jax.Array) -> jax.Array:

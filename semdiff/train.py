@@ -309,6 +309,8 @@ def summarize(window: list[dict]) -> dict:
     out["nll_per_sentence"] = total["nll_bound_sum"] / max(total["nll_bound_sentences"], 1)
   if total["embed_distance"]:
     out["embed_distance"] = total["embed_distance"] / n
+  if total.get("span_count"):
+    out["span_nll"] = total["span_nll_sum"] / total["span_count"]
   out["tokens"] = total["tokens"]
   out["canvas_positions"] = total["canvas_positions"]
   out["padding_share"] = 1.0 - total["canvas_positions"] / max(total["computed_positions"], 1)

@@ -113,3 +113,44 @@ def test_uniform_state_weight_is_the_plain_mean():
           rtol=1e-5)
     else:
       assert float(m["loss_weight"]) > float(m["gap_count"])
+
+
+def test_span_loss_packed_unpacked_and_slow_reference_agree():
+  """The span loss: packed = unpacked = a loop over every missing token of every state."""
+  tokens, mask = _batch()
+  model = model_lib.build("insertion", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, gap_state=True,
+      span_head=True))
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
+  cfg = scorers.ScorerConfig("unigram")
+  plain = losses.NoiseConfig(frontier_prob=0.5, frontier_kind="both", closed_prob=0.5,
+                             hole_prob=0.2, span_loss_weight=1.0)
+  rng = jax.random.key(4)
+  _, m_a = losses.insertion_loss(model, tokens, mask, rng, stats, cfg, plain)
+  _, m_b = losses.insertion_loss(model, tokens, mask, rng, stats, cfg,
+                                 dataclasses.replace(plain, pack_rows=12))
+  assert float(m_b["dropped_states"]) == 0
+  span = lambda m: float(m["span_nll_sum"]) / float(m["span_count"])
+  assert float(m_a["span_count"]) == float(m_b["span_count"]) > 0
+  np.testing.assert_allclose(span(m_a), span(m_b), rtol=1e-5)
+
+  noised, *_ = losses.draw_states(tokens, mask, rng, stats, cfg, plain, model.none_id)
+  inputs = losses.canvas_inputs(noised.canvas, noised.length)
+  features = model.gap_features(*inputs, closed=noised.closed)
+  total, count = 0.0, 0
+  span_gap, toks = np.asarray(noised.span_gap), np.asarray(tokens)
+  for b in range(toks.shape[0]):
+    kept = 0
+    for i in range(toks.shape[1]):
+      if not mask[b, i]:
+        continue
+      if span_gap[b, i] < 0:  # kept: the tokens after it lie in later gaps
+        kept += 1
+        continue
+      assert span_gap[b, i] == kept
+      logq = jax.nn.log_softmax(model.span_logits(features[b, kept]))
+      total -= float(logq[toks[b, i]])
+      count += 1
+  assert count > 0
+  assert float(m_a["span_count"]) == count
+  np.testing.assert_allclose(span(m_a), total / count, rtol=1e-5)
