@@ -265,9 +265,9 @@ class InsertionTransformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, nnx.initializers.lecun_normal(), (d, cfg.vocab_size),
                             ("embed", "vocab"))
-    if cfg.gap_state:  # [closed gap after me, closed gap before me]
+    if cfg.gap_state and not cfg.gap_slots:  # [closed gap after me, closed gap before me]
       self.closed_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
-    if cfg.gap_slots:  # [open gap slot, closed gap slot]
+    if cfg.gap_slots:  # [open gap slot, closed gap slot]: closed gaps are told here
       self.slot_embed = _param(rngs, nnx.initializers.normal(1.0), (2, d), (None, "embed"))
     if cfg.span_head:
       self.span_in = _param(rngs, nnx.initializers.lecun_normal(), (d, d), (None, "embed"))
