@@ -453,7 +453,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     source = jnp.where(targets >= 0, jnp.arange(num, dtype=jnp.int32)[:, None], -1)
     dropped = jnp.int32(0)
   features = model.gap_features(*inputs, closed=closed)  # [rows, T-1, D]
-  logits = model.gap_logits(features)  # [rows, T-1, V+1]
+  logits = model.gap_head(features)  # [rows, T-1, V+1]
   valid = targets >= 0
   nll = gap_nll(logits, targets)
   num_gaps = jnp.sum(valid)

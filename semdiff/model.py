@@ -278,9 +278,9 @@ class InsertionTransformer(nnx.Module):
 
   def __call__(self, tokens, segment_ids, positions, closed=None):
     """Gap logits (see `gap_features` for the arguments): float32 [B, T-1, V+1]."""
-    return self.gap_logits(self.gap_features(tokens, segment_ids, positions, closed))
+    return self.gap_head(self.gap_features(tokens, segment_ids, positions, closed))
 
-  def gap_logits(self, features: jax.Array) -> jax.Array:
+  def gap_head(self, features: jax.Array) -> jax.Array:
     """Logits over the vocabulary and ``none``, float32 [..., V+1], from gap features [..., D]."""
     dt = self.cfg.compute_dtype
     return jnp.einsum("...d,vd->...v", features,
@@ -312,7 +312,6 @@ class InsertionTransformer(nnx.Module):
       meaningful where both neighbours are in the same segment and the left one is not EOS.
     """
     cfg = self.cfg
-    dt = cfg.compute_dtype
     if closed is not None and not cfg.gap_state:
       raise ValueError("This model was built without model.gap_state: it cannot read "
                        "closed gaps.")
@@ -326,14 +325,11 @@ class InsertionTransformer(nnx.Module):
       table = self.closed_embed[...]
       extra = after[..., None] * table[0] + before[..., None] * table[1]
     h = self.backbone(tokens, segment_ids, positions, causal=False, extra=extra)
-    pair = jnp.concatenate([h[:, :-1], h[:, 1:]], axis=-1)
-    return self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair,
-                                                self.gap_in[...].astype(dt))))
+    return self._project(jnp.concatenate([h[:, :-1], h[:, 1:]], axis=-1))
 
   def _slot_features(self, tokens, segment_ids, positions, closed):
     """`gap_features` with a slot per gap: the canvas interleaved as t0 g0 t1 g1 ... t(T-1)."""
     b, t = tokens.shape
-    dt = self.cfg.compute_dtype
     # A gap is real where both neighbours share a segment; its slot sits at 2p + 1.
     gap_seg = jnp.where(segment_ids[:, :-1] == segment_ids[:, 1:], segment_ids[:, :-1], 0)
     c = (jnp.zeros((b, t - 1)) if closed is None else closed.astype(jnp.float32))[..., None]
@@ -349,7 +345,11 @@ class InsertionTransformer(nnx.Module):
     seq_positions = interleave(2 * positions, 2 * positions[:, :-1] + 1)
     extra = interleave(jnp.zeros((b, t, slot.shape[-1])), slot)
     h = self.backbone(seq_tokens, seq_segments, seq_positions, causal=False, extra=extra)
-    pair = jnp.concatenate([h[:, 1::2], h[:, 0:-1:2] + h[:, 2::2]], axis=-1)
+    return self._project(jnp.concatenate([h[:, 1::2], h[:, 0:-1:2] + h[:, 2::2]], axis=-1))
+
+  def _project(self, pair: jax.Array) -> jax.Array:
+    """Gap features [B, G, D] from each gap's two read-outs side by side [B, G, 2D]."""
+    dt = self.cfg.compute_dtype
     return self.gap_norm(jax.nn.gelu(jnp.einsum("btc,cd->btd", pair,
                                                 self.gap_in[...].astype(dt))))
 
