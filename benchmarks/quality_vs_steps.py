@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from semdiff import checkpointing
 from semdiff import config_files
 from semdiff import evaluation
 from semdiff import sampling
@@ -149,9 +150,7 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
   # A resumed run keeps the step count it started with (its schedule depends on it); a run
   # with no checkpoint yet times its steps again, so a timing taken under other load (or on
   # another machine) does not carry over.
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  started = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
-  if started and os.path.exists(plan_path):
+  if checkpointing.has_checkpoint(workdir) and os.path.exists(plan_path):
     with open(plan_path) as f:
       plan = json.load(f)
   else:

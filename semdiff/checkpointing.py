@@ -40,13 +40,23 @@ def _kill_in_save_hook() -> Optional[Callable[[], None]]:
   return hook
 
 
+def directory(workdir: str) -> str:
+  """The folder of a workdir's checkpoints (one subfolder per saved step)."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``workdir`` holds a finished checkpoint (a half-written one does not count)."""
+  path = directory(workdir)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   hook = _kill_in_save_hook()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=True,
       async_options=ocp.AsyncOptions(post_finalization_callback=hook) if hook else None)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return ocp.CheckpointManager(directory(workdir), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:

@@ -354,3 +354,12 @@ def test_step_budget_is_measured_for_every_scorer(tiny_run, tmp_path, scorer):
   config = tiny_config(**{"scorer.name": scorer})
   per_step = train.cpu_seconds_per_step(config, new_workdir(tmp_path, tiny_run[0]), steps=2)
   assert per_step > 0
+
+
+def test_has_checkpoint_counts_finished_steps_only(tmp_path):
+  workdir = str(tmp_path / "run")
+  assert not checkpointing.has_checkpoint(workdir)
+  os.makedirs(os.path.join(checkpointing.directory(workdir), "3.orbax-checkpoint-tmp-1234"))
+  assert not checkpointing.has_checkpoint(workdir)  # half-written
+  os.makedirs(os.path.join(checkpointing.directory(workdir), "2"))
+  assert checkpointing.has_checkpoint(workdir)
