@@ -17,6 +17,18 @@ from semdiff import noising
 from semdiff import scorers
 
 
+def level_positions(depth: np.ndarray, mask: np.ndarray) -> int:
+  """Canvas positions of every level 0..H of every example (host numpy [B, L] inputs):
+  what `all_levels_nll` packs. Level h of an example has its depth < h tokens, BOS, EOS."""
+  depth, mask = np.asarray(depth), np.asarray(mask)
+  total = 0
+  for b in range(mask.shape[0]):
+    d = np.sort(depth[b][mask[b]])
+    height = int(d[-1]) + 1 if len(d) else 0  # an empty row: level 0 only
+    total += int(np.searchsorted(d, np.arange(height + 1), side="left").sum()) + 2 * (height + 1)
+  return total
+
+
 # The masked-diffusion ELBO estimate: noise levels per sentence, and their seed.
 MASKED_T_DRAWS = 16
 MASKED_SEED = 4321
@@ -53,9 +65,9 @@ class NllEvaluator:
       entropy = scorers.path_entropy(tokens, mask, depth, self.stats, self.scorer_cfg)
       return depth, noising.tree_height(depth, mask), entropy
 
-    def level(params, tokens, mask, depth, lvl, closures=False):
-      return losses.level_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl,
-                              closures=closures)
+    def levels(params, tokens, mask, depth, rows, closures=False):
+      return losses.all_levels_nll(nnx.merge(self.graphdef, params), tokens, mask, depth,
+                                   rows=rows, closures=closures)
 
     def sweep(params, tokens, mask, depth, lvl, done):
       return losses.level_sweep_nll(nnx.merge(self.graphdef, params), tokens, mask, depth, lvl,
@@ -109,7 +121,7 @@ class NllEvaluator:
 
     self._trees = jax.jit(trees)
     self._masked = jax.jit(masked)
-    self._level = jax.jit(level, static_argnames="closures")
+    self._levels = jax.jit(levels, static_argnames=("rows", "closures"))
     self._sweep = jax.jit(sweep)
     self._causal = jax.jit(causal)
     self._tree = jax.jit(tree)
@@ -119,7 +131,8 @@ class NllEvaluator:
                    closures: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(NLL in nats float64 [b], model calls per sentence [b]) for the real rows.
 
-    ``closures``: the insertion model's bound with its closed gaps (see `losses.level_nll`).
+    ``closures``: the insertion model's bound with its closed gaps (see `losses.level_nll`;
+    every level is read in one packed call, `losses.all_levels_nll`).
     """
     tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
     real = np.asarray(batch["mask"]).any(axis=1)
@@ -134,12 +147,16 @@ class NllEvaluator:
       nll = np.asarray(self._masked(params, tokens, mask), np.float64)
       return nll[real], np.full(tokens.shape[0], MASKED_T_DRAWS)[real]
     depth, height, entropy = self._trees(tokens, mask)
-    total = np.zeros(tokens.shape[0], np.float64)
-    for h in range(int(jnp.max(height)) + 1):
-      lvl = jnp.full((tokens.shape[0],), h, jnp.int32)
-      total += np.asarray(self._level(params, tokens, mask, depth, lvl, closures=closures),
-                          np.float64)
-    total -= np.asarray(entropy, np.float64)
+    # Every level in one packed call; rows in steps of 32 (few compiled shapes), with room
+    # to spare for first-fit's leftovers, and doubled in the rare batch that still drops.
+    width = tokens.shape[1] + 2
+    rows = 32 * -(-(level_positions(depth, batch["mask"]) * 21 // 20 // width + 2) // 32)
+    while True:
+      total, dropped = self._levels(params, tokens, mask, depth, rows, closures=closures)
+      if not int(dropped):
+        break
+      rows *= 2
+    total = np.asarray(total, np.float64) - np.asarray(entropy, np.float64)
     return total[real], (np.asarray(height) + 1)[real]
 
   def sweep_per_sentence(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:

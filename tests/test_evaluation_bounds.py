@@ -106,3 +106,34 @@ def test_left_to_right_sweep_is_the_parallel_bound(model):
            "mask": mask}
   out = ev(params, [batch], sweep=True)
   assert out["sweep_nll_per_sentence"] == pytest.approx(out["nll_per_sentence"], rel=1e-5)
+
+
+@pytest.mark.parametrize("gap_state", [False, True])
+def test_packed_levels_equal_the_level_by_level_bound(gap_state):
+  """`all_levels_nll` (every level, packed) = the sum of `level_nll` over the levels."""
+  model = model_lib.build("insertion", model_lib.ModelConfig(
+      vocab_size=V, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, gap_state=gap_state),
+      seed=5)
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(1)
+  lengths = np.array([0, 1, 2, 5, 7, L, 4, 9])
+  mask = np.arange(L)[None] < lengths[:, None]
+  tokens = np.where(mask, rng.integers(4, V, mask.shape), 0).astype(np.int32)
+  depth = np.asarray(noising.insertion_depth(rng.normal(size=mask.shape).astype(np.float32),
+                                             mask))
+  height = np.asarray(noising.tree_height(depth, mask))
+  t, m, d = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(depth)
+  positions = evaluation.level_positions(depth, mask)
+  reference = sum(  # rows past an example's height add 0
+      np.asarray(losses.level_nll(nnx.merge(graphdef, params), t, m, d,
+                                  jnp.full((len(lengths),), h, jnp.int32), closures=gap_state))
+      for h in range(int(height.max()) + 1))
+  rows = -(-positions // (L + 2)) + 2
+  nll, dropped = jax.jit(losses.all_levels_nll, static_argnames=("rows", "closures"))(
+      nnx.merge(graphdef, params), t, m, d, rows=rows, closures=gap_state)
+  assert int(dropped) == 0
+  np.testing.assert_allclose(np.asarray(nll), reference, rtol=1e-5, atol=1e-5)
+  # Fewer rows than the levels' positions need: canvases are dropped and counted.
+  _, dropped = losses.all_levels_nll(nnx.merge(graphdef, params), t, m, d,
+                                     rows=positions // (L + 2) - 1, closures=gap_state)
+  assert int(dropped) > 0

@@ -37,7 +37,7 @@ def test_packed_and_unpacked_losses_agree(scorer, k):
 
 
 def test_pack_layout_and_overflow():
-  # Three canvases of lengths 3, 4, 5 into rows of width 6: next-fit puts one per row.
+  # Three canvases of lengths 3, 4, 5 into rows of width 6: one per row, the last dropped.
   seg = jnp.asarray([[1] * 3 + [0] * 3, [1] * 4 + [0] * 2, [1] * 5 + [0]], jnp.int32)
   tokens = jnp.asarray(np.arange(18).reshape(3, 6), jnp.int32) * seg
   positions = jnp.broadcast_to(jnp.arange(6), (3, 6)).astype(jnp.int32)
@@ -48,6 +48,14 @@ def test_pack_layout_and_overflow():
                                 [[1, 1, 1, 0, 0, 0], [2, 2, 2, 2, 0, 0]])
   np.testing.assert_array_equal(np.asarray(out.gap_source),
                                 [[0, 0, -1, -1, -1], [1, 1, 1, -1, -1]])
+  # First fit: lengths 3, 4, 2 -> the third goes back to the first row's room.
+  seg3 = jnp.asarray([[1] * 3 + [0] * 3, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4], jnp.int32)
+  out3 = losses.pack(seg3, seg3, positions, jnp.full((3, 5), -1), rows=2)
+  assert int(out3.dropped) == 0
+  np.testing.assert_array_equal(np.asarray(out3.segment_ids),
+                                [[1, 1, 1, 3, 3, 0], [2, 2, 2, 2, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(out3.canvas_row), [0, 1, 0])
+  np.testing.assert_array_equal(np.asarray(out3.canvas_offset), [0, 0, 3])
   # Two short canvases share a row; positions restart inside each.
   seg2 = jnp.asarray([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], jnp.int32)
   out2 = losses.pack(seg2 * 5, seg2, positions[:2], jnp.where(seg2[:, :5] > 0, 1, -1)[:, :5] *
