@@ -148,8 +148,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # Split each batch into this many micro-batches (one forward/backward each, one update):
   # activation memory of batch_size / grad_accum_steps, the same loss (see train.make_train_step).
   c.train.grad_accum_steps = 1
-  # 4000 fill the README job's 15 minutes on 2 CPU cores (3000: 73.8% grammatical over
-  # sampling seeds 0-2, 4000: 80.6%; benchmarks/README.md).
+  # 4000: the README job takes about 11 minutes on 2 CPU cores (3000: 73.8% grammatical
+  # over sampling seeds 0-2, 4000: 80.6%, 4500: 80.0% over seeds 0-3; benchmarks/README.md).
   c.train.num_steps = 4000
   c.train.log_every = 50
   c.train.eval_every = 1000
