@@ -92,7 +92,7 @@ def input_prep_fn(exp):
   none_id = exp.model_cfg.vocab_size  # `none` is the last output, after the vocabulary
 
   def prep(tokens, mask, rng):
-    noised, height, _, _, _ = losses.draw_states(
+    noised, height, *_ = losses.draw_states(
         tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id,
         repeats=noise_cfg.states_per_example)
     inputs = losses.canvas_inputs(noised.canvas, noised.length)

@@ -56,6 +56,11 @@ class NoiseConfig:
       sentences with few unfilled gaps. Measured (benchmarks/README.md): neither
       lengthens confident-first samples, and both lower their quality at equal steps.
     frontier_weight_cap: largest frontier factor of "importance" (bounds the variance).
+    level_draw: how a state's level h is drawn from 0..H: "uniform", or "tokens": in
+      proportion to m_h + 1, the number of depth-h tokens (the tokens its gaps insert)
+      plus one (so the last level, where every gap stops, still comes up), so wide levels
+      come up more often: about a fifth more token targets per step (needs
+      ``state_weight="uniform"``).
     keyword_prob: chance that a state also keeps 1 to ``keyword_max`` random tokens of
       the sentence, of any depth (not closed under parent): the canvases a keyword-
       conditioned sampler starts from. Without them a keyword canvas reads as the
@@ -97,6 +102,7 @@ class NoiseConfig:
   slot_order: str = "level"
   state_weight: str = "uniform"
   frontier_weight_cap: float = 100.0
+  level_draw: str = "uniform"
   keyword_prob: float = 0.0
   keyword_max: int = 3
   closed_prob: float = 0.0
@@ -114,6 +120,12 @@ class NoiseConfig:
     if cfg.state_weight not in STATE_WEIGHTS:
       raise ValueError(f"Unknown noise.state_weight {cfg.state_weight!r}; choose one of "
                        f"{', '.join(STATE_WEIGHTS)}.")
+    if cfg.level_draw not in LEVEL_DRAWS:
+      raise ValueError(f"Unknown noise.level_draw {cfg.level_draw!r}; choose one of "
+                       f"{', '.join(LEVEL_DRAWS)}.")
+    if cfg.level_draw != "uniform" and cfg.state_weight != "uniform":
+      raise ValueError(f"noise.state_weight={cfg.state_weight!r} assumes uniform levels: "
+                       f"use it with noise.level_draw='uniform', or set state_weight='uniform'.")
     if not 0.0 <= cfg.keyword_prob <= 1.0 or cfg.keyword_max < 1:
       raise ValueError(f"noise.keyword_prob={cfg.keyword_prob} must be in [0, 1] and "
                        f"noise.keyword_max={cfg.keyword_max} at least 1.")
@@ -132,6 +144,7 @@ class NoiseConfig:
 FRONTIER_KINDS = ("level", "tree", "both")
 SLOT_ORDERS = ("level", "sequential")
 STATE_WEIGHTS = ("uniform", "height", "importance")
+LEVEL_DRAWS = ("uniform", "tokens")
 
 
 def canvas_inputs(canvas: jax.Array, length: jax.Array):
@@ -267,7 +280,9 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     (noised: noising.Noised, height int32 [N], exact bool [N] (exact level,
     not a frontier state), path_entropy float32 [N] (the random scorer's
     tree-entropy term, else 0), weight float32 [N] (the state's loss weight,
-    see ``NoiseConfig.state_weight``)), N = repeats * B.
+    see ``NoiseConfig.state_weight``), level_scale float32 [N] (1 / the chance of
+    the drawn level: H + 1 for uniform levels; scales one level's NLL to an unbiased
+    estimate of the path's)), N = repeats * B.
   """
   k_score, k_level, k_front, k_frac, k_tree = jax.random.split(rng, 5)
   tile = lambda x: jnp.tile(x, (repeats,) + (1,) * (x.ndim - 1)) if repeats > 1 else x
@@ -281,7 +296,18 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     tokens, mask, ancestor, depth, path_entropy = map(
         tile, (tokens, mask, ancestor, depth, path_entropy))
   height = noising.tree_height(depth, mask)
-  level = jax.random.randint(k_level, height.shape, 0, height + 1)
+  if noise_cfg.level_draw == "tokens":  # in proportion to m_h + 1
+    span = jnp.arange(depth.shape[1] + 1)
+    per_level = jnp.sum((depth[..., None] == span) & mask[..., None], axis=1) + 1  # [N, L+1]
+    per_level = jnp.where(span <= height[:, None], per_level, 0)
+    level = jax.random.categorical(k_level, jnp.log(per_level.astype(jnp.float32)))
+    level = level.astype(jnp.int32)
+    level_scale = (jnp.sum(per_level, axis=1) /
+                   jnp.take_along_axis(per_level, level[:, None], axis=1)[:, 0])
+  else:
+    level = jax.random.randint(k_level, height.shape, 0, height + 1)
+    level_scale = height + 1
+  level_scale = level_scale.astype(jnp.float32)
   draw = jax.random.uniform(k_front, height.shape)
   exact = draw >= noise_cfg.frontier_prob
   fraction = jnp.where(exact, 0.0, jax.random.uniform(k_frac, height.shape))
@@ -326,7 +352,7 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
       closed |= ~holed[:, None] & noised.closed
     noised = noised._replace(closed=closed)
   weight = state_weights(depth, level, keep, height, level_frontier, noise_cfg)
-  return noised, height, exact, path_entropy, weight
+  return noised, height, exact, path_entropy, weight, level_scale
 
 
 def closed_gaps(noised, depth, keep, level, tree, rate, rng, none_id: int):
@@ -433,7 +459,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   none_id = model.none_id
   k = noise_cfg.states_per_example
   # Several states of the same examples, drawn independently.
-  noised, height, exact, path_entropy, weight = draw_states(
+  noised, height, exact, path_entropy, weight, level_scale = draw_states(
       tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id, repeats=k)
   if k > 1:
     tokens, mask = jnp.tile(tokens, (k, 1)), jnp.tile(mask, (k, 1))
@@ -484,7 +510,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
   counted = exact & kept & jnp.any(mask, axis=1)
   n_tokens = jnp.sum(mask, axis=1)
   # Unbiased estimate of -log p(path) from one sampled level (exact levels only).
-  path_nll = (height + 1) * state_nll - path_entropy
+  path_nll = level_scale * state_nll - path_entropy
   metrics = {
       "loss": loss,
       "gap_nll_sum": jnp.sum(nll),

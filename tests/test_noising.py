@@ -251,8 +251,8 @@ def test_keyword_states_leave_the_other_draws_unchanged():
   key = jax.random.key(6)
   draw = lambda noise: losses.draw_states(jnp.asarray(tokens), jnp.asarray(mask), key, stats,
                                           cfg, noise, NONE)
-  plain, _, exact_a, _, _ = draw(base)
-  with_kw, _, exact_b, _, _ = draw(losses.NoiseConfig(frontier_prob=0.5, keyword_prob=0.5))
+  plain, _, exact_a, *_ = draw(base)
+  with_kw, _, exact_b, *_ = draw(losses.NoiseConfig(frontier_prob=0.5, keyword_prob=0.5))
   changed = np.any(np.asarray(plain.canvas) != np.asarray(with_kw.canvas), axis=1) | (
       np.asarray(plain.length) != np.asarray(with_kw.length))
   assert changed.any() and not changed.all()
@@ -278,3 +278,32 @@ def test_repeated_states_equal_those_of_the_tiled_batch(name):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
   copies = np.asarray(got[0].canvas).reshape(3, 16, -1)
   assert np.any(copies[0] != copies[1])  # the copies are independent draws
+
+
+def test_levels_drawn_in_proportion_to_their_tokens():
+  """``level_draw="tokens"``: level h of an example comes up in proportion to m_h + 1, and
+  ``level_scale`` is 1 / its chance (uniform: H + 1), so scaled counts average 1."""
+  tokens = jnp.asarray([[5, 6, 7, 8, 9, 10, 11, 0]], jnp.int32)
+  mask = tokens > 0
+  stats = scorers.ScoringStats(unigram_logprob=-jnp.arange(50, dtype=jnp.float32) / 7.0)
+  cfg = scorers.ScorerConfig("unigram")
+  depth = np.asarray(noising.insertion_depth(
+      scorers.significance(tokens, mask, jax.random.key(0), stats, cfg), mask))[0, :7]
+  height = int(depth.max()) + 1
+  want = np.array([np.sum(depth == h) + 1 for h in range(height + 1)], np.float64)
+  want /= want.sum()
+  n = 20000
+  for draw, p in (("tokens", want), ("uniform", np.full(height + 1, 1.0 / (height + 1)))):
+    noise = losses.NoiseConfig(level_draw=draw)
+    noised, _, _, _, _, scale = losses.draw_states(tokens, mask, jax.random.key(1), stats, cfg,
+                                                   noise, NONE, repeats=n)
+    level = np.asarray(noised.length)  # an exact level h keeps its depth < h tokens
+    kept = np.array([np.sum(depth < h) for h in range(height + 1)])
+    h = np.searchsorted(kept, level)
+    freq = np.bincount(h, minlength=height + 1) / n
+    np.testing.assert_allclose(freq, p, atol=0.015)
+    np.testing.assert_allclose(np.asarray(scale), 1.0 / p[h], rtol=1e-5)
+  with pytest.raises(ValueError, match="level_draw"):
+    losses.NoiseConfig.from_config({"level_draw": "wide"})
+  with pytest.raises(ValueError, match="uniform levels"):
+    losses.NoiseConfig.from_config({"level_draw": "tokens", "state_weight": "height"})

@@ -28,7 +28,7 @@ def test_hole_states_leave_out_single_tokens_and_close_every_other_gap():
   stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
   noise = losses.NoiseConfig(frontier_prob=0.5, frontier_kind="both", closed_prob=0.5,
                              hole_prob=1.0)
-  noised, _, exact, _, _ = losses.draw_states(tokens, mask, jax.random.key(0), stats,
+  noised, _, exact, *_ = losses.draw_states(tokens, mask, jax.random.key(0), stats,
                                               scorers.ScorerConfig("unigram"), noise, NONE)
   holed, holes = losses.hole_keep(mask, jax.random.fold_in(jax.random.key(0), 13), noise)
   tokens, mask, holes = map(np.asarray, (tokens, mask, holes))

@@ -145,7 +145,7 @@ def draws_from_content(tokens, mask, rng, stats, scorer_cfg, noise_cfg, none_id,
   noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
   weight = losses.state_weights(depth, jnp.zeros_like(height), keep, height, ~exact, noise_cfg)
   return (noised, height, exact, scorers.path_entropy(tokens, mask, depth, stats, scorer_cfg),
-          weight)
+          weight, (height + 1).astype(jnp.float32))  # uniform levels: 1 / chance = H + 1
 
 
 @pytest.mark.parametrize("kind", [pytest.param("causal", marks=pytest.mark.slow), "insertion"])
