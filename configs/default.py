@@ -105,8 +105,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.noise.state_weight = "uniform"
   c.noise.frontier_weight_cap = 100.0
   # How a state's level h is drawn: "uniform" over 0..H, or "tokens" (in proportion to
-  # its depth-h token count + 1: wide levels, more token targets per step; 1500 steps:
-  # bound 45.51 vs 46.10, 62.7% vs 58.2% grammatical over sampling seeds 0-3;
+  # its depth-h token count + 1: wide levels, more token targets per step; 4000 steps:
+  # bound 43.37 vs 43.60, 82.8% vs 80.9% grammatical over sampling seeds 0-3;
   # benchmarks/README.md).
   c.noise.level_draw = "tokens"
   # Share of states that also keep 1..keyword_max random tokens of any depth: teaches the
@@ -153,8 +153,9 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # Split each batch into this many micro-batches (one forward/backward each, one update):
   # activation memory of batch_size / grad_accum_steps, the same loss (see train.make_train_step).
   c.train.grad_accum_steps = 1
-  # 4000: the README job takes about 11 minutes on 2 CPU cores (3000: 73.8% grammatical
-  # over sampling seeds 0-2, 4000: 80.6%, 4500: 80.0% over seeds 0-3; benchmarks/README.md).
+  # 4000: the README job takes about 11 minutes on 2 CPU cores (uniform levels, 3000:
+  # 73.8% grammatical over sampling seeds 0-2, 4000: 80.6%, 4500: 80.0% over seeds 0-3;
+  # benchmarks/README.md).
   c.train.num_steps = 4000
   c.train.log_every = 50
   c.train.eval_every = 1000
