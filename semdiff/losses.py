@@ -59,7 +59,7 @@ class NoiseConfig:
     level_draw: how a state's level h is drawn from 0..H: "uniform", or "tokens": in
       proportion to m_h + 1, the number of depth-h tokens (the tokens its gaps insert)
       plus one (so the last level, where every gap stops, still comes up), so wide levels
-      come up more often: about a fifth more token targets per step (needs
+      come up more often: a default step has 253 token targets instead of 221 (needs
       ``state_weight="uniform"``).
     keyword_prob: chance that a state also keeps 1 to ``keyword_max`` random tokens of
       the sentence, of any depth (not closed under parent): the canvases a keyword-
@@ -202,9 +202,8 @@ def pack(tokens, segment_ids, positions, gap_targets, *, rows: int, extra=()) ->
 
   First-fit in the given order (a scan over canvases, not tokens): a canvas goes to
   the first row with room for it; canvases that fit nowhere are dropped and counted.
-  With the default config's
-  canvases it needs about a tenth fewer rows than next-fit (the causal baseline's
-  sentences, a sixth): benchmarks/README.md, train_throughput.py.
+  With the default config's canvases it needs about a tenth fewer rows than next-fit
+  (the causal baseline's sentences, a sixth): benchmarks/README.md, train_throughput.py.
   """
   num, width = tokens.shape
   lengths = jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32)
@@ -901,9 +900,9 @@ def all_levels_nll(model, tokens, mask, depth, *, rows: int, closures: bool = Fa
   Builds the B x (L + 1) level canvases (level h of example b at index b (L + 1) + h;
   levels past an example's height are empty) and packs them first-fit into ``rows`` rows
   of width L + 2, so that the model computes about as many positions as the levels hold
-  (`evaluation.level_positions`) instead of B x (L + 2) for each of the batch's H + 1 levels. Equal
-  to the sum of `level_nll` over h = 0..H when ``dropped`` is 0; a caller that gets
-  canvases dropped must call again with more rows.
+  (`evaluation.level_positions`) instead of B x (L + 2) for each of the batch's H + 1
+  levels. Equal to the sum of `level_nll` over h = 0..H when ``dropped`` is 0; a caller
+  that gets canvases dropped must call again with more rows.
   """
   batch, length = tokens.shape
   per = length + 1  # levels 0..L
