@@ -21,12 +21,9 @@ def level_positions(depth: np.ndarray, mask: np.ndarray) -> int:
   """Canvas positions of every level 0..H of every example (host numpy [B, L] inputs):
   what `all_levels_nll` packs. Level h of an example has its depth < h tokens, BOS, EOS."""
   depth, mask = np.asarray(depth), np.asarray(mask)
-  total = 0
-  for b in range(mask.shape[0]):
-    d = np.sort(depth[b][mask[b]])
-    height = int(d[-1]) + 1 if len(d) else 0  # an empty row: level 0 only
-    total += int(np.searchsorted(d, np.arange(height + 1), side="left").sum()) + 2 * (height + 1)
-  return total
+  height = np.where(mask, depth + 1, 0).max(axis=1)  # H; an empty row has level 0 only
+  tokens = np.where(mask, height[:, None] - depth, 0).sum()  # depth d: on levels d+1..H
+  return int(tokens + 2 * (height + 1).sum())
 
 
 # The masked-diffusion ELBO estimate: noise levels per sentence, and their seed.

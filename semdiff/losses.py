@@ -879,19 +879,23 @@ def level_nll(model, tokens, mask, depth, level, path_entropy: Optional[jax.Arra
   same path read by a process that remembers its ``none``s; its sum is a bound too.
   """
   del path_entropy
-  none_id = model.none_id
   height = noising.tree_height(depth, mask)
-  keep = depth < level[:, None]
-  noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
-  inputs = canvas_inputs(noised.canvas, noised.length)
-  targets = noised.gap_targets
-  closed = None
-  if closures:
-    closed = closed_by_level(noised, depth, keep, level, none_id)
-    targets = jnp.where(closed, -1, targets)
+  inputs, targets, closed = _level_state(tokens, depth, level, model.none_id, closures)
   logits = model(*inputs, closed=closed)
   nll = jnp.sum(gap_nll(logits, targets), axis=1)
   return jnp.where(level <= height, nll, 0.0)
+
+
+def _level_state(tokens, depth, level, none_id: int, closures: bool):
+  """Level ``level`` (int [B]) of each example as model inputs: (canvas_inputs, gap
+  targets [B, L+1] (-1 on closed gaps), closed bool [B, L+1] or None)."""
+  keep = depth < level[:, None]
+  noised = noising.noise_to_keep(tokens, depth, keep, pad_id=PAD_ID, none_id=none_id)
+  targets, closed = noised.gap_targets, None
+  if closures:
+    closed = closed_by_level(noised, depth, keep, level, none_id)
+    targets = jnp.where(closed, -1, targets)
+  return canvas_inputs(noised.canvas, noised.length), targets, closed
 
 
 def all_levels_nll(model, tokens, mask, depth, *, rows: int, closures: bool = False):
@@ -906,20 +910,14 @@ def all_levels_nll(model, tokens, mask, depth, *, rows: int, closures: bool = Fa
   """
   batch, length = tokens.shape
   per = length + 1  # levels 0..L
-  tokens_l, mask_l, depth_l = (jnp.repeat(x, per, axis=0) for x in (tokens, mask, depth))
   level = jnp.tile(jnp.arange(per, dtype=jnp.int32), batch)
-  height = noising.tree_height(depth_l, mask_l)
-  live = level <= height
-  keep = depth_l < level[:, None]
-  noised = noising.noise_to_keep(tokens_l, depth_l, keep, pad_id=PAD_ID, none_id=model.none_id)
-  canvas, segment_ids, positions = canvas_inputs(noised.canvas, noised.length)
+  live = level <= jnp.repeat(noising.tree_height(depth, mask), per)
+  (canvas, segment_ids, positions), targets, closed = _level_state(
+      jnp.repeat(tokens, per, axis=0), jnp.repeat(depth, per, axis=0), level, model.none_id,
+      closures)
   segment_ids = jnp.where(live[:, None], segment_ids, 0)
-  targets = jnp.where(live[:, None], noised.gap_targets, -1)
-  extra = ()
-  if closures:
-    closed = closed_by_level(noised, depth_l, keep, level, model.none_id)
-    targets = jnp.where(closed, -1, targets)
-    extra = (jnp.where(closed & live[:, None], 1, -1),)
+  targets = jnp.where(live[:, None], targets, -1)
+  extra = () if closed is None else (jnp.where(closed & live[:, None], 1, -1),)
   packed = pack(canvas, segment_ids, positions, targets, rows=rows, extra=extra)
   closed = packed.extra[0] == 1 if closures else None
   logits = model(packed.tokens, packed.segment_ids, packed.positions, closed=closed)
