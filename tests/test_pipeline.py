@@ -393,17 +393,25 @@ def test_two_processes_read_disjoint_halves_and_resume(messy_dir, stepper):
     pipeline.train_iterator(config, tok, process_index=0, process_count=3)
 
 
-def test_a_state_saved_by_the_previous_pipeline_still_resumes(stepper):
-  """Checkpoints written before the iterator counted its texts hold grain's state alone."""
+def test_states_saved_by_earlier_pipelines_still_resume(stepper):
+  """Checkpoints written before the iterator counted its texts hold grain's state alone;
+  those written before it read TEXTS_PER_READ texts per grain element count texts."""
   tok, _ = stepper
   batches = pipeline.train_iterator(tiny_config(), tok)
-  next(batches)
+  for _ in range(3):  # 48 examples: past the first chunk
+    next(batches)
   state = batches.get_state()
   assert state["next_example"] == 1  # the grammar stream has one example per text
+  text = state["reader"]["next_index"] * pipeline.TEXTS_PER_READ + state["text"]
+  assert text >= pipeline.TEXTS_PER_READ
   want = next(batches)
-  resumed = pipeline.train_iterator(tiny_config(), tok)
-  resumed.set_state({"next_index": state["reader"]["next_index"] + 1})
-  np.testing.assert_array_equal(next(resumed)["tokens"], want["tokens"])
+  for old in ({"next_index": text + 1},
+              {"reader": {"next_index": text}, "next_example": 1, "stats": state["stats"]}):
+    resumed = pipeline.train_iterator(tiny_config(), tok)
+    resumed.set_state(old)
+    np.testing.assert_array_equal(next(resumed)["tokens"], want["tokens"])
+  with pytest.raises(ValueError, match="texts per grain element"):
+    pipeline.train_iterator(tiny_config(), tok).set_state({**state, "texts_per_read": 1})
 
 
 # --- the tokenizer sample ---------------------------------------------------------------------
