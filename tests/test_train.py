@@ -352,8 +352,13 @@ def test_killed_run_resumes_with_the_same_metrics(tiny_run, tmp_path):
 def test_step_budget_is_measured_for_every_scorer(tiny_run, tmp_path, scorer):
   # model_embedding's step takes the table snapshot as one more argument.
   config = tiny_config(**{"scorer.name": scorer})
-  per_step = train.cpu_seconds_per_step(config, new_workdir(tmp_path, tiny_run[0]), steps=2)
+  workdir = new_workdir(tmp_path, tiny_run[0])
+  per_step = train.cpu_seconds_per_step(config, workdir, steps=2)
   assert per_step > 0
+  if scorer == "unigram":
+    assert train.step_seconds(config, workdir, steps=2, clock="wall") > 0
+    with pytest.raises(ValueError, match="clock must be 'cpu' or 'wall'"):
+      train.step_seconds(config, workdir, clock="gpu")
 
 
 def test_has_checkpoint_counts_finished_steps_only(tmp_path):
