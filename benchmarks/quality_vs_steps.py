@@ -160,11 +160,9 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
     with open(plan_path) as f:
       plan = json.load(f)
   else:
-    per_step = train.step_seconds(config, workdir, clock=_CLOCK.value)
-    if _CLOCK.value == "cpu":
-      per_step /= _CORES.value
-    plan = {"seconds_per_step": per_step, "steps": max(int(_BUDGET.value / per_step), 10),
-            "clock": _CLOCK.value}
+    steps, per_step = train.fit_to_budget(config, workdir, _BUDGET.value, _CORES.value,
+                                          clock=_CLOCK.value)
+    plan = {"seconds_per_step": per_step, "steps": steps, "clock": _CLOCK.value}
     with open(plan_path, "w") as f:
       json.dump(plan, f)
   steps = plan["steps"]

@@ -624,17 +624,21 @@ def set_step_budget(config: ml_collections.ConfigDict, steps: int) -> None:
 
 
 def fit_to_budget(config: ml_collections.ConfigDict, workdir: str, budget_s: float,
-                  cores: Optional[int] = None, min_steps: int = 10) -> tuple[int, float]:
+                  cores: Optional[int] = None, min_steps: int = 10,
+                  clock: str = "cpu") -> tuple[int, float]:
   """Sets ``config``'s step count so that training takes ``budget_s`` s on ``cores`` cores.
 
   The budget is budget_s x cores CPU-seconds, turned into steps with
   `cpu_seconds_per_step`, so that runs of different models get the same training compute,
-  not the same step count.
+  not the same step count. With ``clock="wall"`` it is budget_s seconds of wall time
+  (`step_seconds`).
 
   Returns:
     (num_steps, seconds per step on ``cores`` cores).
   """
-  per_step = cpu_seconds_per_step(config, workdir) / (cores or os.cpu_count())
+  per_step = step_seconds(config, workdir, clock=clock)
+  if clock == "cpu":
+    per_step /= cores or os.cpu_count()
   steps = max(int(budget_s / per_step), min_steps)
   set_step_budget(config, steps)
   return steps, per_step

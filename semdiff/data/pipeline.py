@@ -563,10 +563,8 @@ class TrainIterator:
           f"element; this code reads {TEXTS_PER_READ} (pipeline.TEXTS_PER_READ). Resume with "
           "the code that wrote the checkpoint, or start a new workdir.")
     self._reader.set_state(reader)
-    self._chunk_state, self._chunk, self._text = reader, (), 0
-    if text:
-      self._chunk_state = self._reader.get_state()
-      self._chunk, self._text = next(self._reader), text
+    self._chunk_state, self._text = reader, text
+    self._chunk = next(self._reader) if text else ()
     self.stats = DataStats.from_json(state["stats"])
     self._stats_before = self.stats.copy()
     self._before = {"reader": reader, "text": text}
