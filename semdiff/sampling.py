@@ -130,6 +130,11 @@ class SamplerConfig:
     stop_rescues: at most this many such forced insertions per sample (0 = no limit).
       Without a limit a chain of them can run away: every forced adjective opens two
       more gaps that are unsure they are empty ("a big pretty big pretty big ...").
+    stop_rescue_token: which token a forced insertion takes: "likeliest" (the gap's
+      most likely token) or "sample" (drawn from the gap's tokens, ``none`` left out,
+      under the same temperature, top-k and top-p). The likeliest token of an unsure gap
+      is the same generic filler in most samples (the grammar's commonest adjective),
+      so "likeliest" repeats it; "sample" keeps the sample's own distribution.
     refine_steps: correction rounds after the sample is finished (``model.gap_state``
       models trained with ``noise.hole_prob`` > 0; see `refine`), one model call each:
       every token is left out in turn (one canvas each, all in the same call) and the
@@ -172,6 +177,7 @@ class SamplerConfig:
   none_bias: float = 0.0
   stop_confidence: float = 0.0
   stop_rescues: int = 0
+  stop_rescue_token: str = "likeliest"
   refine_steps: int = 0
   refine_threshold: float = 0.1
   refine_parallel: bool = False
@@ -198,6 +204,9 @@ class SamplerConfig:
     if not 0.0 <= cfg.stop_confidence <= 1.0 or cfg.stop_rescues < 0:
       raise ValueError(f"sampler.stop_confidence={cfg.stop_confidence} must be in [0, 1] and "
                        f"sampler.stop_rescues={cfg.stop_rescues} >= 0.")
+    if cfg.stop_rescue_token not in ("likeliest", "sample"):
+      raise ValueError(f"sampler.stop_rescue_token must be 'likeliest' or 'sample', got "
+                       f"{cfg.stop_rescue_token!r}.")
     if cfg.refine_steps < 0 or not 0.0 < cfg.refine_threshold <= 1.0:
       raise ValueError(f"sampler.refine_steps={cfg.refine_steps} must be >= 0 and "
                        f"sampler.refine_threshold={cfg.refine_threshold} in (0, 1].")
@@ -638,7 +647,7 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
                                          insertion_limit(wanted, confident, cfg))
       if cfg.stop_confidence > 0:
         # No gap drew a token, yet a gap is unsure it is empty: not a stop. The gap least
-        # sure of none inserts its most likely token instead.
+        # sure of none inserts a token instead (its likeliest, or one drawn without none).
         none_logp = jnp.where(live, logp[..., -1], jnp.inf)
         unsure = jnp.min(none_logp, axis=1) < jnp.log(cfg.stop_confidence)
         forced = unsure & ~jnp.any(do_insert, axis=1)
@@ -646,7 +655,12 @@ def sample(model, rng: jax.Array, cfg: SamplerConfig, *, batch_size: int,
           forced &= s["rescued"] < cfg.stop_rescues
         rescued = s["rescued"] + forced.astype(jnp.int32)
         pick = jax.nn.one_hot(jnp.argmin(none_logp, axis=1), cap + 1, dtype=bool)
-        best = jnp.argmax(logp[..., :-1], axis=-1)
+        if cfg.stop_rescue_token == "sample" and cfg.temperature > 0:
+          rescue_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+          best = _choose(logp.at[..., -1].set(-jnp.inf), rescue_keys,
+                         dataclasses.replace(cfg, stop_filter="joint"))
+        else:
+          best = jnp.argmax(logp[..., :-1], axis=-1)
         choice = jnp.where(forced[:, None] & pick, best, choice)
         chosen_logp = jnp.where(forced[:, None] & pick,
                                 jnp.take_along_axis(logp, best[..., None], axis=-1)[..., 0],

@@ -227,3 +227,34 @@ def test_stop_rescues_caps_the_forced_insertions_per_sample():
   np.testing.assert_array_equal(out.calls, [3, 3])
   with pytest.raises(ValueError, match="stop_rescues"):
     sampling.SamplerConfig.from_config({"stop_rescues": -1})
+
+
+class MostlyNone:
+  """Every gap: ``none`` 0.9, token 7 0.06, token 9 0.04."""
+
+  none_id = V
+
+  def __call__(self, tokens, segment_ids, positions):
+    del segment_ids, positions
+    logits = jnp.full(tokens.shape[:1] + (tokens.shape[1] - 1, V + 1), -30.0)
+    return (logits.at[..., V].set(jnp.log(0.9)).at[..., 7].set(jnp.log(0.06))
+            .at[..., 9].set(jnp.log(0.04)))
+
+
+@pytest.mark.parametrize("rescue_token", ["likeliest", "sample"])
+def test_a_rescue_inserts_the_likeliest_token_or_draws_one(rescue_token):
+  # Top-p 0.85 keeps only none (0.9), so every step draws none everywhere and only the
+  # rescue inserts. "likeliest" always takes token 7; "sample" draws 7 or 9 (0.6 / 0.4).
+  cfg = sampling.SamplerConfig(temperature=1.0, top_p=0.85, max_len=8, max_steps=5,
+                               stop_confidence=0.95, stop_rescues=1,
+                               stop_rescue_token=rescue_token)
+  out = sampling.sample(MostlyNone(), jax.random.key(0), cfg, batch_size=64)
+  np.testing.assert_array_equal(out.length, np.ones(64))
+  first = np.asarray(out.tokens)[:, 0]
+  if rescue_token == "likeliest":
+    assert np.all(first == 7)
+  else:
+    assert set(first.tolist()) == {7, 9}
+    assert 0.4 < np.mean(first == 7) < 0.8
+  with pytest.raises(ValueError, match="stop_rescue_token"):
+    sampling.SamplerConfig.from_config({"stop_rescue_token": "best"})
