@@ -65,11 +65,19 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     # An override of a field that no config defines (--config.model.nope=3).
-    key = str(e).strip("\"'")
+    # ml_collections' message (maybe a KeyError inside an AttributeError) is the field's
+    # name, then maybe a "Did you mean" line.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    name, _, hint = message.partition("\n")
+    key = name.strip("\"'")
+    hint = hint.strip()
+    hint = f" ({hint[0].lower()}{hint[1:]})" if hint else ""
     bad = next((a.split("=")[0] for a in argv[1:]
                 if a.startswith("--config.") and f".{key}" in a.split("=")[0]), "--config.")
-    print(f"semdiff: error: {bad}: the config has no field {key!r}; see the config file for the "
-          "fields it defines.", file=sys.stderr)
+    print(f"semdiff: error: {bad}: the config has no field {key!r}{hint}; see the config file "
+          "for the fields it defines.", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
     # Config-file errors arrive wrapped with the loader's traceback: keep the last line.

@@ -238,6 +238,9 @@ BAD_INPUT = {
     "variant": (["--config=configs/default.py:bogus"], 2,
                 "Unknown config variant 'bogus'; choose one of tiny, small, base"),
     "field": (["--config=configs/default.py:tiny", "--config.model.nosuch=3"], 2, "nosuch"),
+    "near_miss": (["--config=configs/default.py:tiny", "--config.noise.hole_prop=0.1"], 2,
+                  "--config.noise.hole_prop: the config has no field 'hole_prop' (did you mean "
+                  "\"hole_prob\" instead of \"hole_prop\"?); see the config file"),
     "config_file": (["--config=configs/nosuch.py"], 2, "configs/nosuch.py"),
 }
 
