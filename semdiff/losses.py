@@ -61,6 +61,7 @@ class NoiseConfig:
       plus one (so the last level, where every gap stops, still comes up), so wide levels
       come up more often: a default step has 253 token targets instead of 221 (needs
       ``state_weight="uniform"``).
+    level_draw_power: "tokens" draws in proportion to (m_h + 1) ** this.
     keyword_prob: chance that a state also keeps 1 to ``keyword_max`` random tokens of
       the sentence, of any depth (not closed under parent): the canvases a keyword-
       conditioned sampler starts from. Without them a keyword canvas reads as the
@@ -87,6 +88,12 @@ class NoiseConfig:
       hole at all, so the model learns whether anything is missing: the question
       ``sampler.refine_edits="all"`` asks to delete and insert tokens. 0: every empty gap
       is closed and every hole state has a hole.
+    hole_runs: a run of adjacent candidates is left out whole (the gap's target is its
+      most significant token, as in every state) instead of only its first token. The
+      sampler's late drafts often lack several adjacent tokens where the sentence is
+      otherwise whole ("our big sandwiches ." lacks "can fall"); runs show the model such
+      canvases. False: each hole is its gap's one missing token (what the correction
+      rounds ask).
     slot_order: the slot model's non-random training order, which its bound reads:
       "level" (a level's gaps decide together, as the parallel sampler does) or
       "sequential" (one at a time, left to right; see `slot_schedule`).
@@ -103,12 +110,14 @@ class NoiseConfig:
   state_weight: str = "uniform"
   frontier_weight_cap: float = 100.0
   level_draw: str = "uniform"
+  level_draw_power: float = 1.0
   keyword_prob: float = 0.0
   keyword_max: int = 3
   closed_prob: float = 0.0
   hole_prob: float = 0.0
   hole_rate: float = 0.5
   hole_open: float = 0.0
+  hole_runs: bool = False
 
   @classmethod
   def from_config(cls, config) -> "NoiseConfig":
@@ -298,7 +307,8 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
   if noise_cfg.level_draw == "tokens":  # in proportion to m_h + 1
     span = jnp.arange(depth.shape[1] + 1)
     per_level = jnp.sum((depth[..., None] == span) & mask[..., None], axis=1) + 1  # [N, L+1]
-    per_level = jnp.where(span <= height[:, None], per_level, 0)
+    per_level = per_level.astype(jnp.float32) ** noise_cfg.level_draw_power
+    per_level = jnp.where(span <= height[:, None], per_level, 0.0)
     level = jax.random.categorical(k_level, jnp.log(per_level.astype(jnp.float32)))
     level = level.astype(jnp.int32)
     level_scale = (jnp.sum(per_level, axis=1) /
@@ -403,7 +413,7 @@ def hole_keep(mask, rng, noise_cfg: NoiseConfig):
   the row's rate (uniform in [0, ``hole_rate``)), one random token always is (unless
   ``hole_open`` > 0: then a row may have no hole), and the first candidate of every run of
   adjacent candidates becomes a hole: no two adjacent, so each hole is the only missing
-  token of its gap.
+  token of its gap (with ``hole_runs`` every candidate is a hole).
   """
   k_on, k_rate, k_cand, k_one = jax.random.split(rng, 4)
   batch, length = mask.shape
@@ -415,7 +425,7 @@ def hole_keep(mask, rng, noise_cfg: NoiseConfig):
   if noise_cfg.hole_open > 0:
     forced = jnp.zeros_like(forced)
   cand = mask & ((jax.random.uniform(k_cand, mask.shape) < rate) | forced)
-  holes = cand & ~jnp.pad(cand[:, :-1], ((0, 0), (1, 0)))
+  holes = cand if noise_cfg.hole_runs else cand & ~jnp.pad(cand[:, :-1], ((0, 0), (1, 0)))
   return holed, holes & holed[:, None]
 
 

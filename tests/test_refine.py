@@ -9,6 +9,7 @@ import pytest
 
 from semdiff import losses
 from semdiff import model as model_lib
+from semdiff import noising
 from semdiff import sampling
 from semdiff import scorers
 
@@ -51,6 +52,31 @@ def test_hole_states_leave_out_single_tokens_and_close_every_other_gap():
     np.testing.assert_array_equal(targets[b, :len(kept) + 1], want)
     np.testing.assert_array_equal(closed[b, :len(kept) + 1], want == NONE)
 
+
+
+def test_hole_runs_leave_out_adjacent_tokens_and_target_the_most_significant():
+  tokens, mask = _batch(seed=2, batch=32)
+  stats = scorers.ScoringStats(unigram_logprob=jnp.linspace(-1.0, -5.0, V))
+  noise = losses.NoiseConfig(closed_prob=0.5, hole_prob=1.0, hole_rate=1.0, hole_runs=True)
+  rng = jax.random.key(0)
+  noised, *_ = losses.draw_states(tokens, mask, rng, stats, scorers.ScorerConfig("unigram"),
+                                  noise, NONE)
+  _, holes = losses.hole_keep(mask, jax.random.fold_in(rng, 13), noise)
+  scores = scorers.significance(tokens, mask, jax.random.split(rng, 5)[0], stats,
+                                scorers.ScorerConfig("unigram"))
+  depth = np.asarray(noising.depth_from_ancestors(noising.ancestors(scores, mask), mask))
+  tokens, mask, holes = map(np.asarray, (tokens, mask, holes))
+  targets = np.asarray(noised.gap_targets)
+  assert np.any(holes[:, 1:] & holes[:, :-1])  # runs do occur
+  for b in range(tokens.shape[0]):
+    kept = mask[b] & ~holes[b]
+    want = np.full(kept.sum() + 1, NONE)
+    gap_of = np.cumsum(kept) - kept  # the gap each left-out token falls in
+    for g in range(kept.sum() + 1):
+      run = np.flatnonzero(holes[b] & (gap_of == g))
+      if len(run):  # the run's least deep (most significant) token
+        want[g] = tokens[b, run[np.argmin(depth[b, run])]]
+    np.testing.assert_array_equal(targets[b, :kept.sum() + 1], want)
 
 def test_hole_prob_zero_leaves_the_other_draws_unchanged():
   tokens, mask = _batch(seed=1)
