@@ -218,6 +218,36 @@ def grammar_report(texts: Sequence[str], grammar) -> dict:
   }
 
 
+LENGTH_EDGES = (5, 8, 11, 15)  # words: buckets 1-5, 6-8, 9-11, 12-15, 16+
+
+
+def length_bucket(texts: Sequence[str], edges: Sequence[int] = LENGTH_EDGES) -> np.ndarray:
+  """int [N]: each text's length bucket (0 = at most edges[0] words, len(edges) = longer)."""
+  return np.searchsorted(np.asarray(edges), [len(t.split()) for t in texts], side="left")
+
+
+def grammatical_at_lengths(texts: Sequence[str], grammar, reference: Sequence[str],
+                           edges: Sequence[int] = LENGTH_EDGES) -> float:
+  """Share of ``texts`` the grammar accepts, its length buckets weighted as in ``reference``.
+
+  A sampler that writes short texts gets a high raw share because short sentences are easy;
+  this weights each length bucket's share by how often ``reference`` (e.g. held-out data)
+  has that length, so samplers with different lengths compare length for length. Buckets
+  with no sample are left out and the weights renormalised; nan if ``texts`` is empty.
+  """
+  if not len(texts):
+    return float("nan")
+  ok = np.array([grammar.is_grammatical(t) for t in texts])
+  bucket = length_bucket(texts, edges)
+  weight = np.bincount(length_bucket(reference, edges), minlength=len(edges) + 1)
+  total, mass = 0.0, 0.0
+  for b in range(len(edges) + 1):
+    if np.any(bucket == b):
+      total += weight[b] * ok[bucket == b].mean()
+      mass += weight[b]
+  return float(total / mass) if mass else float("nan")
+
+
 def true_nll(batches: Sequence[dict], decode, grammar) -> np.ndarray:
   """float64 [N]: the grammar's exact NLL of every real row of held-out ``batches``.
 

@@ -112,3 +112,22 @@ def test_text_report_keys():
   rep = evaluation.text_report(["a b c", "a b d"], data_lengths=[3, 3], sample_lengths=[3, 4])
   assert set(rep) == {"distinct_1", "distinct_2", "distinct_3", "self_bleu", "length_tv"}
   assert rep["distinct_1"] == pytest.approx(4 / 6) and rep["length_tv"] == 0.5
+
+
+class _ShortOnly:
+  """Accepts exactly the texts of at most three words."""
+
+  def is_grammatical(self, text):
+    return 0 < len(text.split()) <= 3
+
+
+def test_grammatical_at_lengths_weights_buckets_by_the_reference():
+  assert list(evaluation.length_bucket(["a", "a b c d e", "a b c d e f", "w " * 16])) == [0, 0, 1, 4]
+  short = ["a b"] * 9 + ["a b c d e f g"]  # 10 samples: 9 short and right, 1 long and wrong
+  reference = ["a b"] * 5 + ["a b c d e f g"] * 5  # half short, half 6-8 words
+  # Raw share 90%; at the reference's lengths the two buckets count half each: 50%.
+  assert evaluation.grammatical_at_lengths(short, _ShortOnly(), short) == pytest.approx(0.9)
+  assert evaluation.grammatical_at_lengths(short, _ShortOnly(), reference) == pytest.approx(0.5)
+  # A bucket without samples is left out: only the short bucket is judged.
+  assert evaluation.grammatical_at_lengths(["a b"] * 3, _ShortOnly(), reference) == 1.0
+  assert np.isnan(evaluation.grammatical_at_lengths([], _ShortOnly(), reference))
