@@ -163,6 +163,10 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
   })
   if grammar is not None:
     out.update(evaluation.grammar_report(texts, grammar))
+    # Short samples are easier: the same share with lengths weighted as in held-out data.
+    reference = grammar_lib.sentences("validation", 2000, seed=config.data.seed, grammar=grammar)
+    out["grammatical_at_data_lengths"] = evaluation.grammatical_at_lengths(texts, grammar,
+                                                                           reference)
   out.update(evaluation.text_report(texts, data_lengths=data_lengths,
                                     sample_lengths=drawn["length"]))
   if judge_workdir:
@@ -191,6 +195,7 @@ ROWS = (
     ("nll_per_token", "NLL bound per token (nats)", "{:.3f}"),
     ("perplexity_bound", "perplexity bound", "{:.2f}"),
     ("grammatical", "samples grammatical", "{:.1%}"),
+    ("grammatical_at_data_lengths", "samples grammatical at the data's lengths", "{:.1%}"),
     ("sample_nll_grammatical", "sample NLL under the grammar (grammatical ones, nats)",
      "{:.2f}"),
     ("judge_nll_per_sentence", "sample NLL under the judge (nats)", "{:.2f}"),

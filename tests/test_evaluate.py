@@ -75,7 +75,8 @@ def _check_common(r, num):
   assert np.isfinite(r["nll_per_sentence"]) and r["nll_per_sentence"] > 0
   # Barely trained: far above the true entropy of the same sentences.
   assert r["nll_per_sentence"] > r["true_nll_per_sentence"] > 0
-  for k in ("distinct_1", "distinct_2", "distinct_3", "self_bleu", "length_tv", "grammatical"):
+  for k in ("distinct_1", "distinct_2", "distinct_3", "self_bleu", "length_tv", "grammatical",
+            "grammatical_at_data_lengths"):
     assert 0.0 <= r[k] <= 1.0, k
   assert r["calls_per_sample"] >= 1 and r["tokens_per_s"] > 0
 
