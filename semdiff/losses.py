@@ -304,12 +304,12 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
     tokens, mask, ancestor, depth, path_entropy = map(
         tile, (tokens, mask, ancestor, depth, path_entropy))
   height = noising.tree_height(depth, mask)
-  if noise_cfg.level_draw == "tokens":  # in proportion to m_h + 1
+  if noise_cfg.level_draw == "tokens":  # in proportion to (m_h + 1) ** level_draw_power
     span = jnp.arange(depth.shape[1] + 1)
     per_level = jnp.sum((depth[..., None] == span) & mask[..., None], axis=1) + 1  # [N, L+1]
     per_level = per_level.astype(jnp.float32) ** noise_cfg.level_draw_power
     per_level = jnp.where(span <= height[:, None], per_level, 0.0)
-    level = jax.random.categorical(k_level, jnp.log(per_level.astype(jnp.float32)))
+    level = jax.random.categorical(k_level, jnp.log(per_level))
     level = level.astype(jnp.int32)
     level_scale = (jnp.sum(per_level, axis=1) /
                    jnp.take_along_axis(per_level, level[:, None], axis=1)[:, 0])

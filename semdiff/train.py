@@ -575,23 +575,17 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
   return out
 
 
-def cpu_seconds_per_step(config: ml_collections.ConfigDict, workdir: str,
-                         steps: int = 20) -> float:
-  """CPU time (all threads) of one training step of ``config``, after compiling.
-
-  CPU time, not wall time, so that a budget stays fair when other jobs share the machine
-  (they stretch the wall clock, not the CPU time a step needs). The input pipeline runs in
-  the same process and counts, as it does in training. Builds the run in ``workdir``
-  (training its tokenizer there if it has none) but writes no checkpoint.
-  """
-  return step_seconds(config, workdir, steps, clock="cpu")
-
-
 def step_seconds(config: ml_collections.ConfigDict, workdir: str, steps: int = 20,
                  clock: str = "cpu") -> float:
   """Seconds of one training step of ``config`` after compiling, by ``clock``: "cpu" (CPU
-  time of all threads, see `cpu_seconds_per_step`) or "wall" (for a machine of its own: a
-  model that keeps the cores less busy gets fewer steps than by CPU time)."""
+  time of all threads, so that a budget stays fair when other jobs share the machine: they
+  stretch the wall clock, not the CPU time a step needs) or "wall" (for a machine of its
+  own: a model that keeps the cores less busy gets fewer steps than by CPU time).
+
+  The input pipeline runs in the same process and counts, as it does in training. Builds
+  the run in ``workdir`` (training its tokenizer there if it has none) but writes no
+  checkpoint.
+  """
   if clock not in ("cpu", "wall"):
     raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}.")
   now = time.process_time if clock == "cpu" else time.perf_counter
@@ -629,7 +623,7 @@ def fit_to_budget(config: ml_collections.ConfigDict, workdir: str, budget_s: flo
   """Sets ``config``'s step count so that training takes ``budget_s`` s on ``cores`` cores.
 
   The budget is budget_s x cores CPU-seconds, turned into steps with
-  `cpu_seconds_per_step`, so that runs of different models get the same training compute,
+  `step_seconds`, so that runs of different models get the same training compute,
   not the same step count. With ``clock="wall"`` it is budget_s seconds of wall time
   (`step_seconds`).
 

@@ -356,7 +356,7 @@ def test_step_budget_is_measured_for_every_scorer(tiny_run, tmp_path, scorer):
   # model_embedding's step takes the table snapshot as one more argument.
   config = tiny_config(**{"scorer.name": scorer})
   workdir = new_workdir(tmp_path, tiny_run[0])
-  per_step = train.cpu_seconds_per_step(config, workdir, steps=2)
+  per_step = train.step_seconds(config, workdir, steps=2, clock="cpu")
   assert per_step > 0
   if scorer == "unigram":
     assert train.step_seconds(config, workdir, steps=2, clock="wall") > 0
