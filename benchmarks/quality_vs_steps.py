@@ -128,20 +128,18 @@ def sample_quality(exp, params, settings, num, grammar) -> dict:
     dt = time.time() - t
     texts = [exp.tokenizer.decode(samples.tokens[i, :samples.length[i]].tolist())
              for i in range(num)]
-    rep = evaluation.grammar_report(texts, grammar)
-    logps = np.array([grammar.logprob(t) for t in texts])
+    nll = evaluation.grammar_nll(texts, grammar)
+    rep = evaluation.grammar_report(texts, grammar, reference=reference, nll=nll)
     length = np.asarray(samples.length)
     few_calls = np.asarray(samples.calls) <= 2 * np.log2(np.maximum(length, 1)) + 2
     out[name] = {
         **rep,
-        "grammatical_at_data_lengths": evaluation.grammatical_at_lengths(texts, grammar,
-                                                                         reference),
         "few_calls_share": float(np.mean(few_calls)),
-        "few_calls_grammatical": float(np.mean(np.isfinite(logps[few_calls])))
+        "few_calls_grammatical": float(np.mean(np.isfinite(nll[few_calls])))
                                  if few_calls.any() else float("nan"),
         "mean_calls": float(np.mean(samples.calls)),
         "mean_length": float(np.mean(samples.length)),
-        "long_grammatical": float(np.mean(np.isfinite(logps[samples.length >= 16])))
+        "long_grammatical": float(np.mean(np.isfinite(nll[samples.length >= 16])))
                             if np.any(samples.length >= 16) else float("nan"),
         "seconds_incl_compile": dt,
     }

@@ -143,8 +143,8 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
   data_lengths = np.concatenate([b["mask"].sum(axis=1)[b["mask"].any(axis=1)] for b in batches])
   grammar = grammar_lib.default_grammar() if config.data.name == "grammar" else None
   if grammar is not None:
-    out["true_nll_per_sentence"] = float(
-        evaluation.true_nll(batches, exp.tokenizer.decode, grammar).mean())
+    held_out = evaluation.held_out_texts(batches, exp.tokenizer.decode)
+    out["true_nll_per_sentence"] = float(evaluation.grammar_nll(held_out, grammar).mean())
 
   drawn = draw_samples(exp, params, num_samples, batch_size, seed)
   texts = drawn["texts"]
@@ -162,11 +162,8 @@ def evaluate_workdir(workdir: str, *, num_samples: int = 256, split: str = "test
       "compile_seconds": drawn["compile_seconds"],
   })
   if grammar is not None:
-    out.update(evaluation.grammar_report(texts, grammar))
-    # Short samples are easier: the same share with lengths weighted as in held-out data.
-    reference = grammar_lib.sentences("validation", 2000, seed=config.data.seed, grammar=grammar)
-    out["grammatical_at_data_lengths"] = evaluation.grammatical_at_lengths(texts, grammar,
-                                                                           reference)
+    # Short samples are easier: also the share with lengths weighted as in held-out data.
+    out.update(evaluation.grammar_report(texts, grammar, reference=held_out))
   out.update(evaluation.text_report(texts, data_lengths=data_lengths,
                                     sample_lengths=drawn["length"]))
   if judge_workdir:

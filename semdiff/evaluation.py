@@ -208,38 +208,64 @@ class NllEvaluator:
     }
 
 
-def grammar_report(texts: Sequence[str], grammar) -> dict:
-  """Fraction grammatical and the grammar's NLL of the grammatical ones."""
-  logps = np.array([grammar.logprob(t) for t in texts], np.float64)
-  ok = np.isfinite(logps)
-  return {
+def grammar_report(texts: Sequence[str], grammar, reference: Optional[Sequence[str]] = None,
+                   nll: Optional[np.ndarray] = None) -> dict:
+  """Fraction grammatical and the grammar's NLL of the grammatical ones.
+
+  Args:
+    texts: the samples.
+    grammar: a `semdiff.data.grammar` grammar.
+    reference: optional texts (e.g. held-out data) whose word lengths weight the
+      ``grammatical_at_data_lengths`` entry (`grammatical_at_lengths`).
+    nll: float64 [N] `grammar_nll` of ``texts`` if the caller already has it (each text
+      is parsed once).
+  """
+  nll = grammar_nll(texts, grammar) if nll is None else np.asarray(nll, np.float64)
+  ok = np.isfinite(nll)
+  out = {
       "grammatical": float(ok.mean()) if len(texts) else 0.0,
-      "sample_nll_grammatical": float(-logps[ok].mean()) if ok.any() else float("nan"),
+      "sample_nll_grammatical": float(nll[ok].mean()) if ok.any() else float("nan"),
   }
+  if reference is not None:
+    out["grammatical_at_data_lengths"] = grammatical_at_lengths(
+        ok, word_counts(texts), word_counts(reference))
+  return out
 
 
 LENGTH_EDGES = (5, 8, 11, 15)  # words: buckets 1-5, 6-8, 9-11, 12-15, 16+
 
 
-def length_bucket(texts: Sequence[str], edges: Sequence[int] = LENGTH_EDGES) -> np.ndarray:
-  """int [N]: each text's length bucket (0 = at most edges[0] words, len(edges) = longer)."""
-  return np.searchsorted(np.asarray(edges), [len(t.split()) for t in texts], side="left")
+def word_counts(texts: Sequence[str]) -> np.ndarray:
+  """int [N]: words (whitespace-separated units) per text."""
+  return np.array([len(t.split()) for t in texts], np.int64)
 
 
-def grammatical_at_lengths(texts: Sequence[str], grammar, reference: Sequence[str],
+def length_bucket(lengths: Sequence[int], edges: Sequence[int] = LENGTH_EDGES) -> np.ndarray:
+  """int [N]: each length's bucket (0 = at most edges[0], len(edges) = longer than all)."""
+  return np.searchsorted(np.asarray(edges), np.asarray(lengths), side="left")
+
+
+def grammatical_at_lengths(ok: Sequence[bool], lengths: Sequence[int],
+                           reference_lengths: Sequence[int],
                            edges: Sequence[int] = LENGTH_EDGES) -> float:
-  """Share of ``texts`` the grammar accepts, its length buckets weighted as in ``reference``.
+  """Share of samples accepted (``ok`` [N]), length buckets weighted as in the reference.
 
   A sampler that writes short texts gets a high raw share because short sentences are easy;
-  this weights each length bucket's share by how often ``reference`` (e.g. held-out data)
+  this weights each length bucket's share by how often the reference (e.g. held-out data)
   has that length, so samplers with different lengths compare length for length. Buckets
-  with no sample are left out and the weights renormalised; nan if ``texts`` is empty.
+  with no sample are left out and the weights renormalised; nan without samples.
+
+  Args:
+    ok: bool [N], whether each sample is grammatical.
+    lengths: int [N], each sample's length.
+    reference_lengths: int [M], the reference's lengths, in the same unit (e.g. words).
+    edges: bucket edges (`length_bucket`).
   """
-  if not len(texts):
+  ok = np.asarray(ok, bool)
+  if not ok.size:
     return float("nan")
-  ok = np.array([grammar.is_grammatical(t) for t in texts])
-  bucket = length_bucket(texts, edges)
-  weight = np.bincount(length_bucket(reference, edges), minlength=len(edges) + 1)
+  bucket = length_bucket(lengths, edges)
+  weight = np.bincount(length_bucket(reference_lengths, edges), minlength=len(edges) + 1)
   total, mass = 0.0, 0.0
   for b in range(len(edges) + 1):
     if np.any(bucket == b):
@@ -248,15 +274,19 @@ def grammatical_at_lengths(texts: Sequence[str], grammar, reference: Sequence[st
   return float(total / mass) if mass else float("nan")
 
 
+def held_out_texts(batches: Sequence[dict], decode) -> list[str]:
+  """The texts of every real row of held-out ``batches`` (``decode``: ids -> text)."""
+  return [decode(row[m].tolist()) for batch in batches
+          for row, m in zip(batch["tokens"], batch["mask"]) if m.any()]
+
+
 def true_nll(batches: Sequence[dict], decode, grammar) -> np.ndarray:
   """float64 [N]: the grammar's exact NLL of every real row of held-out ``batches``.
 
   The true entropy of the sentences an `NllEvaluator` bound is computed on (same rows, same
   order); ``decode`` maps a list of ids to text.
   """
-  texts = [decode(row[m].tolist()) for batch in batches
-           for row, m in zip(batch["tokens"], batch["mask"]) if m.any()]
-  return grammar_nll(texts, grammar)
+  return grammar_nll(held_out_texts(batches, decode), grammar)
 
 
 def grammar_nll(texts: Sequence[str], grammar) -> np.ndarray:

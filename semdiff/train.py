@@ -368,13 +368,17 @@ def generate(exp: Experiment, params, num: int, rng) -> tuple[sampling.Samples, 
 
 
 def sample_report(exp: Experiment, params, step: int, writer, *, num: int,
-                  to_print: int) -> dict:
-  """Draw samples, write them as JSON lines, print a few with drafts."""
+                  to_print: int, reference: Optional[list[str]] = None) -> dict:
+  """Draw samples, write them as JSON lines, print a few with drafts.
+
+  On the grammar corpus the report holds the grammatical share, and with ``reference``
+  (held-out texts) also the share at the data's lengths (`evaluation.grammar_report`).
+  """
   samples, texts = generate(exp, params, num, jax.random.key(int(exp.config.seed) + 7 + step))
   report = {"sample_length": float(np.mean(samples.length)),
             "sample_calls": float(np.mean(samples.calls))}
   if exp.config.data.name == "grammar":
-    report.update(evaluation.grammar_report(texts, grammar_lib.default_grammar()))
+    report.update(evaluation.grammar_report(texts, grammar_lib.default_grammar(), reference))
   if jax.process_index() == 0:
     path = os.path.join(exp.workdir, "samples", f"step_{step:08d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -523,9 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start >= num_steps:
       print(f"{workdir} is already trained to step {start}; evaluating it.", flush=True)
       final.update(evaluate(start))
+    held_out = (evaluation.held_out_texts(eval_batches, exp.tokenizer.decode)
+                if config.data.name == "grammar" else None)
     rep = sample_report(exp, state["params"], num_steps, writer,
                         num=int(config.train.num_samples),
-                        to_print=int(config.train.samples_to_print))
+                        to_print=int(config.train.samples_to_print), reference=held_out)
     writer.write(num_steps, rep, prefix="samples/")
     final.update({f"samples/{k}": v for k, v in rep.items()})
     final["step"] = num_steps
@@ -568,6 +574,8 @@ def _grammar_summary(config, exp, eval_batches, final) -> dict:
         if "eval/closure_nll_per_sentence" in final else []),
       f"  samples grammatical      {final['samples/grammatical']:8.1%} of "
       f"{int(config.train.num_samples)}",
+      f"  at the data's lengths    {final['samples/grammatical_at_data_lengths']:8.1%} "
+      "(length buckets weighted as in the validation sentences)",
       f"  mean sample length       {final['samples/sample_length']:8.2f} tokens",
       f"  mean model calls/sample  {final['samples/sample_calls']:8.2f}",
   ]

@@ -114,20 +114,28 @@ def test_text_report_keys():
   assert rep["distinct_1"] == pytest.approx(4 / 6) and rep["length_tv"] == 0.5
 
 
-class _ShortOnly:
-  """Accepts exactly the texts of at most three words."""
-
-  def is_grammatical(self, text):
-    return 0 < len(text.split()) <= 3
-
-
 def test_grammatical_at_lengths_weights_buckets_by_the_reference():
-  assert list(evaluation.length_bucket(["a", "a b c d e", "a b c d e f", "w " * 16])) == [0, 0, 1, 4]
-  short = ["a b"] * 9 + ["a b c d e f g"]  # 10 samples: 9 short and right, 1 long and wrong
-  reference = ["a b"] * 5 + ["a b c d e f g"] * 5  # half short, half 6-8 words
+  assert list(evaluation.length_bucket([1, 5, 6, 16])) == [0, 0, 1, 4]
+  lengths = [2] * 9 + [7]  # 10 samples: 9 short and right, 1 long and wrong
+  ok = [True] * 9 + [False]
+  reference = [2] * 5 + [7] * 5  # half short, half 6-8 words
   # Raw share 90%; at the reference's lengths the two buckets count half each: 50%.
-  assert evaluation.grammatical_at_lengths(short, _ShortOnly(), short) == pytest.approx(0.9)
-  assert evaluation.grammatical_at_lengths(short, _ShortOnly(), reference) == pytest.approx(0.5)
+  assert evaluation.grammatical_at_lengths(ok, lengths, lengths) == pytest.approx(0.9)
+  assert evaluation.grammatical_at_lengths(ok, lengths, reference) == pytest.approx(0.5)
   # A bucket without samples is left out: only the short bucket is judged.
-  assert evaluation.grammatical_at_lengths(["a b"] * 3, _ShortOnly(), reference) == 1.0
-  assert np.isnan(evaluation.grammatical_at_lengths([], _ShortOnly(), reference))
+  assert evaluation.grammatical_at_lengths([True] * 3, [2] * 3, reference) == 1.0
+  assert np.isnan(evaluation.grammatical_at_lengths([], [], reference))
+
+
+def test_grammar_report_at_data_lengths_parses_once():
+  g = grammar_lib.small_grammar()
+  texts = ["the dog sleeps ."] * 3 + ["dog the sleeps now ."]
+  reference = ["the dog sleeps ."] + ["the dog sleeps now ."] * 3  # buckets: 4 and 5 words
+  report = evaluation.grammar_report(texts, g, reference=reference)
+  assert report["grammatical"] == 0.75
+  # Both texts' lengths fall in the first bucket (1-5 words): the weighted share is the raw one.
+  assert report["grammatical_at_data_lengths"] == pytest.approx(0.75)
+  # A caller's own NLLs are used as given (no second parse).
+  fake = np.array([1.0, np.inf, np.inf, np.inf])
+  assert evaluation.grammar_report(texts, g, nll=fake)["grammatical"] == 0.25
+  assert "grammatical_at_data_lengths" not in evaluation.grammar_report(texts, g)
