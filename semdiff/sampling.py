@@ -134,7 +134,8 @@ class SamplerConfig:
       most likely token) or "sample" (drawn from the gap's tokens, ``none`` left out,
       under the same temperature, top-k and top-p). The likeliest token of an unsure gap
       is the same generic filler in most samples (the grammar's commonest adjective),
-      so "likeliest" repeats it; "sample" keeps the sample's own distribution.
+      so "likeliest" repeats it; "sample" keeps the sample's own distribution. At
+      temperature 0 (greedy) "sample" takes the likeliest token too.
     refine_steps: correction rounds after the sample is finished (``model.gap_state``
       models trained with ``noise.hole_prob`` > 0; see `refine`), one model call each:
       every token is left out in turn (one canvas each, all in the same call) and the
