@@ -256,6 +256,17 @@ def gap_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.where(targets >= 0, logz - picked, 0.0)
 
 
+def top1_correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """bool [...]: whether the target's logit is the largest (``targets`` >= 0 only).
+
+  The same as ``argmax(logits) == targets`` but for exact ties, and about twice as fast
+  on CPU: a max reduction, which can share the logsumexp's, instead of an index-carrying
+  one over the whole [..., V+1] logits.
+  """
+  picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+  return (picked >= jnp.max(logits, axis=-1)) & (targets >= 0)
+
+
 def embedding_distance(logits: jax.Array, targets: jax.Array, table: jax.Array) -> jax.Array:
   """Squared distance between the expected and the true inserted embedding.
 
@@ -510,7 +521,7 @@ def insertion_loss(model, tokens, mask, rng, stats, scorer_cfg, noise_cfg):
     span_sum, span_count = span_nll(model, features, tokens, noised.span_gap,
                                     packed if noise_cfg.pack_rows else None)
     loss = loss + noise_cfg.span_loss_weight * span_sum / jnp.maximum(weight_sum, 1e-9)
-  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  correct = top1_correct(logits, targets) & valid
   # Per-state sums (dropped states have none), for the NLL-bound estimate.
   state_nll = jax.ops.segment_sum(nll.ravel(), jnp.where(valid, source, num).ravel(),
                                   num_segments=num + 1)[:num]
@@ -620,7 +631,7 @@ def _whole_path_metrics(logits, targets, source, tokens, mask, depth, height, st
   nll = gap_nll(logits, targets)
   count = jnp.sum(valid)
   loss = jnp.sum(nll) / jnp.maximum(count, 1)
-  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  correct = top1_correct(logits, targets) & valid
   source = source.reshape(source.shape + (1,) * (targets.ndim - source.ndim))
   where = jnp.where(valid, source, num).ravel()
   sentence_nll = jax.ops.segment_sum(nll.ravel(), where, num_segments=num + 1)[:num]
@@ -858,7 +869,7 @@ def ar_loss(model, tokens, mask, rng=None, stats=None, scorer_cfg=None, noise_cf
   valid = targets >= 0
   count = jnp.sum(valid)
   loss = jnp.sum(nll) / jnp.maximum(count, 1)
-  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  correct = top1_correct(logits, targets) & valid
   return loss, {
       "loss": loss,
       "gap_nll_sum": jnp.sum(nll),
@@ -1053,7 +1064,7 @@ def masked_loss(model, tokens, mask, rng, stats=None, scorer_cfg=None, noise_cfg
       "loss": loss,
       "gap_nll_sum": jnp.sum(gap_nll(logits, targets)),
       "gap_count": jnp.sum(valid).astype(jnp.float32),
-      "gap_correct": jnp.sum((jnp.argmax(logits, axis=-1) == targets) & valid).astype(
+      "gap_correct": jnp.sum(top1_correct(logits, targets) & valid).astype(
           jnp.float32),
       "embed_distance": jnp.float32(0.0),
       "nll_bound_sum": jnp.sum(nll),
