@@ -164,7 +164,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # (benchmarks/README.md).
   c.train.num_steps = 9000
   c.train.log_every = 50
-  c.train.eval_every = 1000
+  c.train.eval_every = 1500
   # Final eval: also the level-sweep bound (n + H + 1 calls per sentence; about a minute of
   # the default job, and within 0.1 nats of the parallel bound there: off).
   c.train.eval_sweep = False
@@ -172,7 +172,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.num_samples = 256         # samples drawn (and checked) at the end
   c.train.samples_to_print = 5
-  c.train.sample_every = 1000
+  c.train.sample_every = 3000
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.temperature = 1.0       # 0 = greedy
