@@ -536,7 +536,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     final.update({f"samples/{k}": v for k, v in rep.items()})
     final["step"] = num_steps
     if config.data.name == "grammar" and is_main:
-      final.update(_grammar_summary(config, exp, eval_batches, final))
+      final.update(_grammar_summary(config, held_out, final))
     mgr.wait_until_finished()
     return final
   finally:
@@ -557,10 +557,9 @@ def _evaluate_on_own_table(exp: Experiment, params, batches, **kwargs) -> dict:
   return make_evaluator(exp, model_stats(exp, params))(params, batches, **kwargs)
 
 
-def _grammar_summary(config, exp, eval_batches, final) -> dict:
-  """The true entropy of the validation sentences, next to the model's bound."""
-  true_nll = evaluation.true_nll(eval_batches, exp.tokenizer.decode,
-                                 grammar_lib.default_grammar())
+def _grammar_summary(config, held_out: list[str], final) -> dict:
+  """The true entropy of the validation sentences (``held_out``), next to the model's bound."""
+  true_nll = evaluation.grammar_nll(held_out, grammar_lib.default_grammar())
   out = {"true_nll_per_sentence": float(true_nll.mean())}
   lines = [
       "",
