@@ -89,6 +89,10 @@ INSERTION_SETTINGS = {
     # An all-none step stops only when every gap is sure of none (the default sampler).
     "confidence 0.5, top-p 0.9, stop confidence 0.95": dict(_PLAIN, top_p=0.9, confidence=0.5,
                                                             stop_confidence=0.95),
+    # The same at top-p 0.85 (the job's sampler since the last 2026-12-07 session).
+    "confidence 0.5, top-p 0.85, stop confidence 0.95": dict(_PLAIN, top_p=0.85,
+                                                             confidence=0.5,
+                                                             stop_confidence=0.95),
 }
 # The tree and slot models decide every gap once; "separate" keeps p(none) out of top-p.
 _SEP = dict(_PLAIN, stop_filter="separate")
