@@ -58,7 +58,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Steps/s and ETA over the steps run in this process."""
+  """Seconds per step and ETA over the steps run in this process (evaluation included)."""
 
   def __init__(self, start_step: int, num_steps: int):
     self.start_step = start_step

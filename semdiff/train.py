@@ -498,7 +498,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         dt = time.time() - t_window
         summary["tokens_per_s"] = summary.pop("tokens") / dt
         summary["positions_per_s"] = summary.pop("canvas_positions") / dt
-        per_step, left = progress.eta(step)
+        # s/step: this window's training steps (evaluation and sampling left out); the ETA
+        # is from the mean since the start, which counts them.
+        per_step = dt / len(window)
+        _, left = progress.eta(step)
         summary["step_time_s"] = per_step
         writer.write(step, summary, prefix="train/")
         if is_main:
