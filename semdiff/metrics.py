@@ -58,7 +58,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Seconds per step and ETA over the steps run in this process (evaluation included)."""
+  """ETA from the mean step time in this process (evaluation and sampling included)."""
 
   def __init__(self, start_step: int, num_steps: int):
     self.start_step = start_step
@@ -70,9 +70,9 @@ class Progress:
     if self.t0 is None:  # start timing after the first (compiling) step
       self.t0, self.first_step = time.time(), step
 
-  def eta(self, step: int) -> tuple[float, float]:
-    """(seconds per step, seconds left)."""
+  def eta(self, step: int) -> float:
+    """Seconds left (nan until a step after the first has run)."""
     if self.t0 is None or step <= self.first_step:
-      return float("nan"), float("nan")
+      return float("nan")
     per_step = (time.time() - self.t0) / (step - self.first_step)
-    return per_step, per_step * (self.num_steps - step)
+    return per_step * (self.num_steps - step)

@@ -501,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # s/step: this window's training steps (evaluation and sampling left out); the ETA
         # is from the mean since the start, which counts them.
         per_step = dt / len(window)
-        _, left = progress.eta(step)
+        left = progress.eta(step)
         summary["step_time_s"] = per_step
         writer.write(step, summary, prefix="train/")
         if is_main:
