@@ -48,6 +48,9 @@ _SAMPLES = flags.DEFINE_integer("num_samples", 256, "Samples per sampler setting
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides for the insertion-type models, e.g. "
     "--set=noise.frontier_prob=0.5.")
+_OVERRIDES_ALL = flags.DEFINE_multi_string(
+    "set_all", [], "Config overrides for every model, the causal baseline included (the "
+    "shared architecture and optimiser), e.g. --set_all=model.num_layers=1.")
 _CLOCK = flags.DEFINE_enum("clock", "cpu", ["cpu", "wall"],
                            "How the budget is counted: CPU time on --cores cores, or wall time.")
 _MODELS = flags.DEFINE_list("models", ["causal", "insertion"], "Which models to train.")
@@ -156,8 +159,8 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
   config.model_kind = kind
   if kind == "tree":  # decides every gap in parallel: no confident-first
     config.sampler.confidence = 0.0
-  if kind != "causal":
-    config_files.apply_overrides(config, dict(item.split("=", 1) for item in _OVERRIDES.value))
+  overrides = _OVERRIDES_ALL.value + ([] if kind == "causal" else _OVERRIDES.value)
+  config_files.apply_overrides(config, dict(item.split("=", 1) for item in overrides))
   workdir = os.path.join(out_dir, kind)
   plan_path = os.path.join(out_dir, f"{kind}_plan.json")
   # A resumed run keeps the step count it started with (its schedule depends on it); a run
