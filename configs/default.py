@@ -132,9 +132,10 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.model.vocab_size = config_dict.placeholder(int)  # set from the tokenizer at run time
   c.model.d_model = 128
   # 2 layers: at equal training time on 2 CPU cores, fewer layers and more steps win (one
-  # run each, the job's sampler over sampling seeds 0-3): 4 layers x 4000 steps 82.3% and
-  # 84.4% grammatical (two training seeds), bound 43.36; 3 x 5000 83.9%, 43.27; 2 x 6400
-  # 86.9%, 42.90; 1 x 9000 86.5%, 42.83 (benchmarks/README.md). 0.75M parameters.
+  # run each, the job's sampler, then at top-p 0.9, over sampling seeds 0-3): 4 layers x
+  # 4000 steps 82.3% and 84.4% grammatical (two training seeds), bound 43.36; 3 x 5000
+  # 83.9%, 43.27; 2 x 6400 86.9%, 42.90; 1 x 9000 86.5%, 42.83 (benchmarks/README.md).
+  # 0.75M parameters.
   c.model.num_layers = 2
   c.model.num_heads = 4
   c.model.mlp_dim = 512
@@ -159,9 +160,10 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   # Split each batch into this many micro-batches (one forward/backward each, one update):
   # activation memory of batch_size / grad_accum_steps, the same loss (see train.make_train_step).
   c.train.grad_accum_steps = 1
-  # 9000 (2 layers): the README job takes about 10 minutes on 2 CPU cores; 8000: 89.9%
-  # grammatical over sampling seeds 0-3, 9000: 91.3% (training seed 1), 10000: 90.4%
-  # (benchmarks/README.md).
+  # 9000 (2 layers): the README job takes about 10 minutes on 2 CPU cores. With the sampler
+  # then at top-p 0.9, over sampling seeds 0-3: 8000 steps 89.9% grammatical, 9000 91.3%
+  # (training seed 1), 10000 90.4%; at top-p 0.85, 9000 steps 92.5% (training seed 0; 90.3% at
+  # top-p 0.9) (benchmarks/README.md).
   c.train.num_steps = 9000
   c.train.log_every = 50
   c.train.eval_every = 1500
