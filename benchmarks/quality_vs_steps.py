@@ -159,8 +159,10 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
   config.model_kind = kind
   if kind == "tree":  # decides every gap in parallel: no confident-first
     config.sampler.confidence = 0.0
-  overrides = _OVERRIDES_ALL.value + ([] if kind == "causal" else _OVERRIDES.value)
-  config_files.apply_overrides(config, dict(item.split("=", 1) for item in overrides))
+  config_files.apply_overrides(config, config_files.parse_overrides(_OVERRIDES_ALL.value,
+                                                                    flag="--set_all"))
+  if kind != "causal":
+    config_files.apply_overrides(config, config_files.parse_overrides(_OVERRIDES.value))
   workdir = os.path.join(out_dir, kind)
   plan_path = os.path.join(out_dir, f"{kind}_plan.json")
   # A resumed run keeps the step count it started with (its schedule depends on it); a run
@@ -197,6 +199,12 @@ def train_model(kind: str, out_dir: str) -> tuple[str, dict]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  try:  # a bad override is one line now, not a traceback after the first model's training
+    for flag, items in (("--set_all", _OVERRIDES_ALL.value), ("--set", _OVERRIDES.value)):
+      config_files.load(variant=_VARIANT.value,
+                        overrides=config_files.parse_overrides(items, flag=flag))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   out_dir = os.path.abspath(_OUT.value)
   os.makedirs(out_dir, exist_ok=True)
   grammar = grammar_lib.default_grammar()

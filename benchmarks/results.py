@@ -91,7 +91,7 @@ def train_one(name: str, overrides: dict, out_dir: str, tokenizer_path: str) -> 
   """Trains model ``name`` for the budget (unless its workdir is trained); returns timings."""
   workdir = os.path.join(out_dir, "workdirs", name)
   config = config_files.load(variant=_VARIANT.value, overrides={
-      **dict(item.split("=", 1) for item in _SET.value), **overrides,
+      **config_files.parse_overrides(_SET.value), **overrides,
       "data.tokenizer_path": tokenizer_path,
       # The training job's own final samples: a few (the evaluation draws the real ones).
       "train.num_samples": 16, "train.samples_to_print": 1})
@@ -189,7 +189,11 @@ def main(argv):
       raise app.UsageError(f"Unknown --models {sorted(unknown)}; choose from {sorted(chosen)}.")
     chosen = {k: v for k, v in chosen.items() if k in _MODELS.value}
   # One tokenizer for every model, so the judge reads every model's samples the same way.
-  base = config_files.load(variant=_VARIANT.value)
+  try:  # a bad --set is one line now, not a traceback after the first model's training
+    base = config_files.load(variant=_VARIANT.value,
+                             overrides=config_files.parse_overrides(_SET.value))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   tokenizer = train.load_tokenizer(base, out_dir)
   results = {}
   judge = os.path.join(out_dir, "workdirs", "ar") if "ar" in chosen else None

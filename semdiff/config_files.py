@@ -7,7 +7,7 @@ variant is chosen and a field is overridden the same way everywhere.
 
 import importlib.util
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 
@@ -41,6 +41,26 @@ def load(path: str = DEFAULT, variant: Optional[str] = None,
   return apply_overrides(config, overrides or {})
 
 
+def parse_overrides(items: Sequence[str], flag: str = "--set",
+                    groups: Optional[Sequence[str]] = None) -> dict[str, str]:
+  """Command-line ``["group.field=value", ...]`` -> ``{"group.field": "value"}``.
+
+  The values stay strings; `apply_overrides` converts them to the fields' types. An item
+  without ``=`` or a dotted key (or, with ``groups``, outside those groups) is one clear
+  error naming ``flag``.
+  """
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    group = key.split(".")[0]
+    if not sep or "." not in key or (groups and group not in groups):
+      shape = f"{groups[0]}.FIELD=VALUE" if groups else "GROUP.FIELD=VALUE"
+      raise ValueError(f"{flag}={item!r} must look like {shape} (e.g. {flag}="
+                       f"{'sampler.confidence=0.5' if groups else 'model.num_layers=1'}).")
+    out[key] = value
+  return out
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Sets ``{"group.field": value}`` in ``config`` (in place; also returned).
@@ -59,13 +79,24 @@ def apply_overrides(config: ml_collections.ConfigDict,
       raise ValueError(f"The config has no field {key!r}; see the config file for the fields "
                        "it defines.") from None
     if isinstance(value, str) and current is not None and not isinstance(current, str):
-      if isinstance(current, bool):
-        value = value.lower() in ("1", "true", "yes")
-      else:
-        value = type(current)(value)
+      value = _convert(key, value, current)
     with config.unlocked():
       node[leaf] = value
   return config
+
+
+def _convert(key: str, value: str, current: Any) -> Any:
+  """A command-line string as the type of the field's current value, or one clear error."""
+  if isinstance(current, bool):
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.lower() not in words:
+      raise ValueError(f"{key}={value!r}: expected true or false.")
+    return words[value.lower()]
+  try:
+    return type(current)(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{key}={value!r}: expected {type(current).__name__}, like "
+                     f"{current!r}.") from None
 
 
 # Fields whose default changed when they were added: a saved config that predates one ran

@@ -42,18 +42,6 @@ _PRINT = flags.DEFINE_integer("print", 8, "Samples printed with their drafts.")
 flags.mark_flag_as_required("workdir")
 
 
-def parse_set(items) -> dict:
-  """["sampler.tau=0.3", ...] -> {"sampler.tau": "0.3"} for `config_files.apply_overrides`."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key.startswith("sampler."):
-      raise ValueError(f"--set={item!r} must look like sampler.FIELD=VALUE "
-                       "(e.g. --set=sampler.confidence=0.5).")
-    out[key] = value
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -61,7 +49,8 @@ def main(argv):
   try:
     from semdiff import train  # pylint: disable=g-import-not-at-top
     exp, params = train.load_trained(_WORKDIR.value, step=_STEP.value)
-    config_files.apply_overrides(exp.config, parse_set(_SET.value))
+    config_files.apply_overrides(
+        exp.config, config_files.parse_overrides(_SET.value, groups=("sampler",)))
     overrides = dict(tau=_TAU.value, epsilon=_EPSILON.value, delta=_DELTA.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     out = generation.generate(exp, params, keywords=_KEYWORDS.value, prompt=_PROMPT.value,

@@ -44,3 +44,21 @@ def test_an_old_saved_config_keeps_the_values_it_ran_with():
   del saved["model"]["gap_state"], saved["noise"]["closed_prob"]
   config = config_files.with_defaults(saved)
   assert config.model.gap_state is False and config.noise.closed_prob == 0.0
+
+
+def test_command_line_overrides_parse_or_say_what_is_wrong():
+  assert config_files.parse_overrides(["model.num_layers=1", "optim.learning_rate=5e-3"]) == {
+      "model.num_layers": "1", "optim.learning_rate": "5e-3"}
+  with pytest.raises(ValueError, match=r"--set_all='model.num_layers' must look like"):
+    config_files.parse_overrides(["model.num_layers"], flag="--set_all")
+  with pytest.raises(ValueError, match="must look like sampler.FIELD=VALUE"):
+    config_files.parse_overrides(["model.num_layers=1"], groups=("sampler",))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("train.num_steps", "1.5", "expected int, like"),
+    ("scorer.word_level", "maybe", "expected true or false"),
+])
+def test_a_value_of_the_wrong_type_is_one_clear_error(key, value, match):
+  with pytest.raises(ValueError, match=f"{key}='{value}': {match}"):
+    config_files.load(variant="tiny", overrides={key: value})
