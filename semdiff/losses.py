@@ -285,8 +285,20 @@ def embedding_distance(logits: jax.Array, targets: jax.Array, table: jax.Array) 
   return jnp.where(targets >= 0, dist, 0.0)
 
 
+class States(NamedTuple):
+  """``N`` training states drawn by `draw_states` (a tuple: unpacks in this order)."""
+  noised: noising.Noised     # the canvases and their gap targets
+  height: jax.Array          # int32 [N]: the tree's height H
+  exact: jax.Array           # bool [N]: an exact level, not a frontier state
+  path_entropy: jax.Array    # float32 [N]: the random scorer's tree-entropy term, else 0
+  weight: jax.Array          # float32 [N]: the state's loss weight (NoiseConfig.state_weight)
+  # float32 [N]: 1 / the chance of the drawn level (H + 1 for uniform levels); scales one
+  # level's NLL to an unbiased estimate of the path's.
+  level_scale: jax.Array
+
+
 def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
-                noise_cfg: NoiseConfig, none_id: int, repeats: int = 1):
+                noise_cfg: NoiseConfig, none_id: int, repeats: int = 1) -> States:
   """Score, build trees and draw ``repeats`` independent training states per example.
 
   Args:
@@ -296,12 +308,7 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
       scores and builds each example's tree once.
 
   Returns:
-    (noised: noising.Noised, height int32 [N], exact bool [N] (exact level,
-    not a frontier state), path_entropy float32 [N] (the random scorer's
-    tree-entropy term, else 0), weight float32 [N] (the state's loss weight,
-    see ``NoiseConfig.state_weight``), level_scale float32 [N] (1 / the chance of
-    the drawn level: H + 1 for uniform levels; scales one level's NLL to an unbiased
-    estimate of the path's)), N = repeats * B.
+    `States` of N = repeats * B states.
   """
   k_score, k_level, k_front, k_frac, k_tree = jax.random.split(rng, 5)
   tile = lambda x: jnp.tile(x, (repeats,) + (1,) * (x.ndim - 1)) if repeats > 1 else x
@@ -372,7 +379,7 @@ def draw_states(tokens, mask, rng, stats, scorer_cfg: scorers.ScorerConfig,
       closed |= ~holed[:, None] & noised.closed
     noised = noised._replace(closed=closed)
   weight = state_weights(depth, level, keep, height, level_frontier, noise_cfg)
-  return noised, height, exact, path_entropy, weight, level_scale
+  return States(noised, height, exact, path_entropy, weight, level_scale)
 
 
 def closed_gaps(noised, depth, keep, level, tree, rate, rng, none_id: int):
