@@ -200,9 +200,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:  # a bad override is one line now, not a traceback after the first model's training
-    for flag, items in (("--set_all", _OVERRIDES_ALL.value), ("--set", _OVERRIDES.value)):
-      config_files.load(variant=_VARIANT.value,
-                        overrides=config_files.parse_overrides(items, flag=flag))
+    config_files.load(variant=_VARIANT.value, overrides={
+        **config_files.parse_overrides(_OVERRIDES_ALL.value, flag="--set_all"),
+        **config_files.parse_overrides(_OVERRIDES.value)})
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   out_dir = os.path.abspath(_OUT.value)

@@ -47,10 +47,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
   try:
+    sets = config_files.parse_overrides(_SET.value, groups=("sampler",))
     from semdiff import train  # pylint: disable=g-import-not-at-top
     exp, params = train.load_trained(_WORKDIR.value, step=_STEP.value)
-    config_files.apply_overrides(
-        exp.config, config_files.parse_overrides(_SET.value, groups=("sampler",)))
+    config_files.apply_overrides(exp.config, sets)
     overrides = dict(tau=_TAU.value, epsilon=_EPSILON.value, delta=_DELTA.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     out = generation.generate(exp, params, keywords=_KEYWORDS.value, prompt=_PROMPT.value,
